@@ -1,0 +1,160 @@
+"""Reference attention: exact softmax over the selected chunks, causal inside the diagonal.
+
+This is the implementation every backend is checked against, so it favours obviousness over speed:
+one query block at a time, the selection expanded to a token mask over the keys that block can
+see, then PyTorch's SDPA. It never builds an Lq x Lk matrix for the whole sequence at once.
+
+:func:`dhsa_attention` is the batch entry point used by the transformers integration: it
+routes each sequence on its real tokens only (padding is cut away first, so a left-padded
+sequence gets the same routing as the same sequence alone) and keeps decode dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DHSAConfig
+from .layout import Selection, chunk_id_per_token
+from .routing import expand_kv, route
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    scale: float | None = None,
+    extra_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention of one sequence restricted to ``selection``: ``[Hq, Lq, Dv]``.
+
+    Args:
+        q: ``[Hq, Lq, D]``; k: ``[Hkv, Lk, D]``; v: ``[Hkv, Lk, Dv]``.
+        selection: chunks per routing head and query block (see :mod:`.routing`).
+        scale: softmax scale, ``1/sqrt(D)`` by default.
+        extra_mask: optional ``[Lq, Lk]`` boolean mask ANDed in (e.g. a sliding window).
+    """
+    grid = selection.grid
+    num_heads = q.shape[0]
+    keys, values = expand_kv(k, num_heads), expand_kv(v, num_heads)
+    key_chunk = chunk_id_per_token(grid.chunk_offsets)
+    out = q.new_zeros(num_heads, q.shape[1], v.shape[-1])
+    for block in range(grid.num_q_blocks):
+        start, end = int(grid.q_offsets[block]), int(grid.q_offsets[block + 1])
+        visible = end + grid.q_offset  # keys [0, visible) may be seen by this block
+        routed = selection.mask[:, block, key_chunk[:visible]]
+        routed = routed.repeat_interleave(selection.head_group, dim=0)[:, None, :]
+        rows = torch.arange(start, end, device=q.device)[:, None] + grid.q_offset
+        causal = torch.arange(visible, device=q.device)[None, :] <= rows
+        mask = routed & causal[None]
+        if extra_mask is not None:
+            mask = mask & extra_mask[start:end, :visible][None]
+        has_key = mask.any(-1, keepdim=True)
+        block_out = F.scaled_dot_product_attention(
+            q[:, start:end], keys[:, :visible], values[:, :visible],
+            attn_mask=mask | ~has_key, scale=scale,
+        )
+        out[:, start:end] = torch.where(has_key, block_out, torch.zeros_like(block_out))
+    return out
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense causal SDPA with GQA: ``q [..., Hq, Lq, D]`` against ``k/v [..., Hkv, Lk, D]``.
+
+    With ``attention_mask`` (boolean, True = attend) the mask replaces the causal rule; rows with
+    no key give zeros instead of NaN.
+    """
+    num_heads, num_kv = q.shape[-3], k.shape[-3]
+    keys = k.repeat_interleave(num_heads // num_kv, dim=-3)
+    values = v.repeat_interleave(num_heads // num_kv, dim=-3)
+    if attention_mask is None:
+        offset = k.shape[-2] - q.shape[-2]
+        rows = torch.arange(q.shape[-2], device=q.device)[:, None] + offset
+        attention_mask = torch.arange(k.shape[-2], device=q.device)[None, :] <= rows
+    has_key = attention_mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attention_mask | ~has_key, scale=scale)
+    return torch.where(has_key, out, torch.zeros_like(out))
+
+
+@dataclass
+class RoutingStats:
+    """Running account of what the sparse prefill computed (for reports)."""
+
+    calls: int = 0
+    causal_block_fraction_sum: float = 0.0
+    patterns: set = field(default_factory=set)
+
+    def add(self, selection: Selection, pattern: str) -> None:
+        self.calls += 1
+        self.causal_block_fraction_sum += selection.causal_block_fraction()
+        self.patterns.add(pattern)
+
+    @property
+    def causal_block_fraction(self) -> float:
+        return self.causal_block_fraction_sum / self.calls if self.calls else 1.0
+
+
+def dhsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: DHSAConfig,
+    scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk_offsets: list[torch.Tensor | None] | None = None,
+    stats: RoutingStats | None = None,
+) -> torch.Tensor:
+    """DHSA for a batch: ``q [B, Hq, Lq, D]``, ``k/v [B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, Dv]``.
+
+    Args:
+        attention_mask: optional boolean ``[B, 1 or Hq, Lq, Lk]`` (True = attend), as built by
+            transformers for padded batches; ``None`` means plain causal with the queries at the end.
+        chunk_offsets: per batch item, variable key chunks over that item's *real* keys (for
+            ``dynamic``), or ``None`` for fixed blocks.
+        stats: collects the achieved causal-block fraction.
+
+    A single query (decode) is dense. Otherwise every sequence is routed on its real tokens:
+    padded positions are dropped, the sparse attention runs, results are scattered back and
+    padded query rows are zero.
+    """
+    if q.shape[-2] == 1:
+        mask = None if attention_mask is None else attention_mask.bool()
+        return dense_attention(q, k, v, scale, mask)
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    for b in range(q.shape[0]):
+        offsets = chunk_offsets[b] if chunk_offsets is not None else None
+        mask_b = None if attention_mask is None else attention_mask[b].bool().any(dim=0)
+        out[b] = _sequence_attention(q[b], k[b], v[b], cfg, scale, mask_b, offsets, stats)
+    return out
+
+
+def _sequence_attention(q, k, v, cfg, scale, mask, chunk_offsets, stats) -> torch.Tensor:
+    """One sequence; ``mask [Lq, Lk]`` (True = attend) or None for plain causal."""
+    if mask is None:
+        selection = route(q, k, cfg, chunk_offsets)
+        _record(stats, selection, cfg, k.shape[1])
+        return block_sparse_attention(q, k, v, selection, scale)
+    query_rows = mask.any(dim=1).nonzero().squeeze(1)
+    key_cols = mask.any(dim=0).nonzero().squeeze(1)
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if query_rows.numel() == 0:
+        return out
+    if query_rows.numel() > key_cols.numel():
+        raise ValueError("attention mask gives more real queries than real keys")
+    q_real, k_real, v_real = q[:, query_rows], k[:, key_cols], v[:, key_cols]
+    sub_mask = mask[query_rows][:, key_cols]
+    selection = route(q_real, k_real, cfg, chunk_offsets)
+    _record(stats, selection, cfg, k_real.shape[1])
+    out[:, query_rows] = block_sparse_attention(q_real, k_real, v_real, selection, scale, sub_mask)
+    return out
+
+
+def _record(stats: RoutingStats | None, selection: Selection, cfg: DHSAConfig, key_length: int) -> None:
+    if stats is not None:
+        stats.add(selection, cfg.effective_pattern(key_length))

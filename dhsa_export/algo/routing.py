@@ -1,0 +1,271 @@
+"""Routing patterns: which key chunks every query block attends to.
+
+Input is one sequence (``q [Hq, Lq, D]``, ``k [Hkv, Lk, D]``), output a :class:`Selection`.
+All patterns share one selection rule (:func:`select_under_budget`): forced chunks (sink, diagonal,
+local window) are taken first and counted once, then the remaining budget is filled in score order
+among the causal chunks only. So no row is ever empty, no future chunk is ever picked, and a row
+whose causal window fits the budget is dense (density 1.0 is exactly dense attention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import DHSAConfig
+from .layout import BlockGrid, Selection, chunk_lengths, fixed_offsets, segment_means
+
+
+def routing_heads(num_query_heads: int, num_kv_heads: int, cfg: DHSAConfig) -> int:
+    """Query heads per routing head: 1 per head, or the GQA group size per KV group."""
+    if num_query_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_query_heads} not a multiple of KV heads {num_kv_heads}")
+    return 1 if cfg.head_routing == "head" else num_query_heads // num_kv_heads
+
+
+def group_mean(x: torch.Tensor, head_group: int) -> torch.Tensor:
+    """Average consecutive groups of ``head_group`` heads along dim 0."""
+    if head_group == 1:
+        return x
+    return x.reshape(x.shape[0] // head_group, head_group, *x.shape[1:]).mean(dim=1)
+
+
+def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Repeat KV heads ``[Hkv, ...]`` to ``num_heads`` heads (GQA)."""
+    return x.repeat_interleave(num_heads // x.shape[0], dim=0)
+
+
+def select_under_budget(
+    score: torch.Tensor,
+    causal: torch.Tensor,
+    forced: torch.Tensor,
+    weights: torch.Tensor,
+    budget: float,
+    dense_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick chunks per row: forced ones, then by descending score while the budget lasts.
+
+    Args:
+        score: ``[Hr, nQ, nC]`` ranking score (only its order among causal chunks matters).
+        causal: ``[nQ, nC]`` chunks a row may see.
+        forced: ``[Hr or 1, nQ, nC]`` chunks a row always attends (restricted to causal ones).
+        weights: ``[nC]`` cost of each chunk in budget units (1 per block, or tokens per chunk).
+        budget: cost a row may spend, forced chunks included (forced ones are always taken).
+        dense_rows: ``[nQ]`` rows that attend to every causal chunk.
+    """
+    forced = (forced & causal).expand_as(score)
+    spent = (forced.float() * weights).sum(-1, keepdim=True)
+    candidates = causal & ~forced
+    ranked = torch.where(candidates, score.float(), torch.full_like(score, -math.inf, dtype=torch.float))
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    sorted_weights = weights.float()[order] * candidates.gather(-1, order).float()
+    fits_sorted = (spent + sorted_weights.cumsum(-1) <= budget + 1e-6) & candidates.gather(-1, order)
+    chosen = torch.zeros_like(candidates).scatter(-1, order, fits_sorted)
+    mask = forced | chosen
+    if dense_rows is not None:
+        mask = torch.where(dense_rows[None, :, None], causal.expand_as(mask), mask)
+    return mask
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, head_group: int,
+                 length_normalized: bool) -> torch.Tensor:
+    """Chunk-level scores ``S[h, i, c] = mean(q of block i) . rep(k of chunk c)`` in fp32.
+
+    With ``length_normalized`` the key representation is mean x sqrt(chunk length), the
+    paper's correction for variable chunk sizes (a plain mean favours short chunks).
+    """
+    q_means = segment_means(q, grid.q_offsets)
+    k_means = segment_means(k, grid.chunk_offsets)
+    if length_normalized:
+        k_means = k_means * chunk_lengths(grid.chunk_offsets).float().sqrt()[None, :, None]
+    q_routed = group_mean(q_means, head_group)
+    k_routed = expand_kv(k_means, q_routed.shape[0])
+    return torch.einsum("hid,hcd->hic", q_routed, k_routed) / math.sqrt(q.shape[-1])
+
+
+def route_topk(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
+    """Top-k chunks by block-mean score, sink and diagonal forced (causality respected)."""
+    score = block_scores(q, k, grid, head_group, length_normalized=False)
+    forced = (grid.sink(cfg.k_block) | grid.diagonal())[None]
+    weights = torch.ones(grid.num_chunks, device=q.device)
+    return select_under_budget(score, grid.causal(), forced, weights, cfg.budget_blocks(k.shape[1]))
+
+
+def local_window(grid: BlockGrid, local_tokens: int) -> torch.Tensor:
+    """``[nQ, nC]`` chunks covering the ``local_tokens`` keys before each query block and the block."""
+    first = (grid.q_first_position() - local_tokens).clamp(min=0)
+    return grid.covering(first, grid.q_last_position())
+
+
+def route_ashape(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
+    """A-shape: sink + local window forced; the middle filled by top-k; short rows dense."""
+    score = block_scores(q, k, grid, head_group, length_normalized=False)
+    forced = (grid.sink(cfg.sink_tokens) | local_window(grid, cfg.local_tokens))[None]
+    weights = torch.ones(grid.num_chunks, device=q.device)
+    return select_under_budget(score, grid.causal(), forced, weights, cfg.budget_blocks(k.shape[1]))
+
+
+def vslash_dense_rows(grid: BlockGrid, cfg: DHSAConfig, key_length: int) -> torch.Tensor:
+    """First ceil(budget_tokens / q_block) query blocks and the last query block are dense."""
+    rows = torch.zeros(grid.num_q_blocks, dtype=torch.bool, device=grid.q_offsets.device)
+    rows[: math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)] = True
+    rows[-1] = True
+    return rows
+
+
+def last_queries_probabilities(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid,
+                               head_group: int, n_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact causal softmax of the last ``n_last`` queries over all keys, per routing head.
+
+    Returns probabilities ``[Hr, n_last, Lk]`` (group routing averages the heads' probabilities)
+    and the key positions of those queries ``[n_last]``.
+    """
+    q_last = q[:, -n_last:].float()
+    keys = expand_kv(k.float(), q.shape[0])
+    positions = torch.arange(q.shape[1] - n_last, q.shape[1], device=q.device) + grid.q_offset
+    logits = torch.einsum("hqd,hkd->hqk", q_last, keys) / math.sqrt(q.shape[-1])
+    future = torch.arange(k.shape[1], device=q.device)[None, :] > positions[:, None]
+    probs = logits.masked_fill(future[None], -math.inf).softmax(dim=-1)
+    return group_mean(probs, head_group), positions
+
+
+def top_lines_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``[H, n]`` mask of the ``count`` largest entries per row (positive ones only)."""
+    count = max(0, min(count, scores.shape[-1]))
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if count:
+        mask.scatter_(-1, scores.topk(count, dim=-1).indices, True)
+    return mask & (scores > 0)
+
+
+def scatter_lines_to_blocks(vertical: torch.Tensor, slash: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
+    """Block score = selected vertical mass in the chunk + selected slash mass crossing the block.
+
+    ``vertical [Hr, Lk]`` is indexed by key position, ``slash [Hr, Lk]`` by offset
+    ``query position - key position``; both already zero outside the selected lines.
+    Prefix sums make this O(nQ x nC) without building any token-level matrix.
+    """
+    starts, ends = grid.chunk_offsets[:-1], grid.chunk_offsets[1:]
+    v_prefix = torch.nn.functional.pad(vertical.cumsum(-1), (1, 0))
+    v_block = (v_prefix[:, ends] - v_prefix[:, starts])[:, None, :]  # [Hr, 1, nC]
+    s_prefix = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))
+    max_offset = slash.shape[-1] - 1
+    o_min = (grid.q_first_position()[:, None] - (ends[None, :] - 1)).clamp(0, max_offset + 1)
+    o_max = (grid.q_last_position()[:, None] - starts[None, :]).clamp(-1, max_offset)
+    s_block = s_prefix[:, (o_max + 1).clamp(min=0)] - s_prefix[:, o_min.clamp(max=max_offset + 1)]
+    s_block = torch.where((o_max >= o_min)[None], s_block, torch.zeros_like(s_block))
+    return v_block + s_block
+
+
+def line_rank(line_score: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Blocks hit by a selected line rank first (by mass); the others by the fallback in [0, 1).
+
+    This is the fix for the published blockwise code, which compared raw (possibly negative)
+    scores with the zeros of unselected blocks.
+    """
+    return torch.where(line_score > 0, 1.0 + line_score, fallback.clamp(0, 0.999))
+
+
+def route_vslash(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
+    """Vertical-slash: lines predicted from the exact attention of the last q_block queries."""
+    key_length = k.shape[1]
+    n_last = min(cfg.q_block, q.shape[1])
+    probs, positions = last_queries_probabilities(q, k, grid, head_group, n_last)
+    vertical = probs.sum(dim=1)  # [Hr, Lk]
+    offsets = (positions[:, None] - torch.arange(key_length, device=q.device)[None, :])
+    valid = offsets >= 0
+    slash = torch.zeros_like(vertical)
+    flat_offsets = offsets.clamp(min=0).reshape(-1).expand(probs.shape[0], -1)
+    slash.scatter_add_(1, flat_offsets, (probs * valid[None]).reshape(probs.shape[0], -1))
+    budget_tokens = cfg.budget_tokens(key_length)
+    n_vertical = budget_tokens // 2
+    vertical = vertical * top_lines_mask(vertical, n_vertical)
+    slash = slash * top_lines_mask(slash, budget_tokens - n_vertical)
+    lines = scatter_lines_to_blocks(vertical, slash, grid)
+    fallback = torch.sigmoid(block_scores(q, k, grid, head_group, length_normalized=False))
+    forced = (grid.sink(cfg.k_block) | grid.diagonal())[None]
+    weights = torch.ones(grid.num_chunks, device=q.device)
+    return select_under_budget(
+        line_rank(lines, fallback), grid.causal(), forced, weights,
+        cfg.budget_blocks(key_length), vslash_dense_rows(grid, cfg, key_length),
+    )
+
+
+def route_vslash_blockwise(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
+    """Vertical-slash predicted from block means only (no L x q_block probabilities).
+
+    Block-level probabilities ``softmax_c(S[i, c])`` over causal chunks give vertical mass per
+    chunk and slash mass per block diagonal ``d = diag(i) - c``; the top lines (half the block
+    budget each) are scattered back; forced sink/diagonal blocks are counted once.
+    """
+    key_length = k.shape[1]
+    causal = grid.causal()
+    score = block_scores(q, k, grid, head_group, length_normalized=False)
+    probs = score.masked_fill(~causal[None], -math.inf).softmax(dim=-1)  # [Hr, nQ, nC]
+    diag = torch.searchsorted(grid.chunk_offsets[1:], grid.q_last_position(), right=True)
+    block_offset = diag[:, None] - torch.arange(grid.num_chunks, device=q.device)[None, :]
+    vertical = probs.sum(dim=1)  # [Hr, nC]
+    slash = torch.zeros_like(vertical)
+    flat = block_offset.clamp(min=0).reshape(-1).expand(probs.shape[0], -1)
+    slash.scatter_add_(1, flat, (probs * causal[None]).reshape(probs.shape[0], -1))
+    budget = cfg.budget_blocks(key_length)
+    n_vertical = budget // 2
+    vertical = vertical * top_lines_mask(vertical, n_vertical)
+    slash = slash * top_lines_mask(slash, budget - n_vertical)
+    lines = vertical[:, None, :] + slash.gather(
+        1, block_offset.clamp(min=0).reshape(-1).expand(probs.shape[0], -1)
+    ).reshape_as(probs) * causal[None]
+    forced = (grid.sink(cfg.k_block) | grid.diagonal())[None]
+    weights = torch.ones(grid.num_chunks, device=q.device)
+    return select_under_budget(
+        line_rank(lines, probs), causal, forced, weights, budget,
+        vslash_dense_rows(grid, cfg, key_length),
+    )
+
+
+def route_dynamic(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
+    """Hierarchical DHSA over variable chunks: length-normalized chunk scores, token budget.
+
+    Selecting chunks in score order under a token budget is the top-k over chunk scores
+    upsampled to tokens (every token of a chunk has the chunk's score); a chunk that does not fit
+    whole is skipped. Sink tokens and the local window are forced; the query blocks holding the
+    last ``instruction_tokens`` queries are dense.
+    """
+    key_length = k.shape[1]
+    score = block_scores(q, k, grid, head_group, length_normalized=True)
+    forced = (grid.sink(cfg.sink_tokens) | local_window(grid, cfg.local_tokens))[None]
+    weights = chunk_lengths(grid.chunk_offsets).float()
+    last_queries = grid.q_offsets[1:] > q.shape[1] - max(1, cfg.instruction_tokens)
+    return select_under_budget(
+        score, grid.causal(), forced, weights, cfg.budget_tokens(key_length), last_queries
+    )
+
+
+PATTERN_FUNCTIONS = {
+    "topk": route_topk,
+    "ashape": route_ashape,
+    "vslash": route_vslash,
+    "vslash_blockwise": route_vslash_blockwise,
+    "dynamic": route_dynamic,
+}
+
+
+def route(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: DHSAConfig,
+    chunk_offsets: torch.Tensor | None = None,
+) -> Selection:
+    """Route one sequence: ``q [Hq, Lq, D]``, ``k [Hkv, Lk, D]`` -> :class:`Selection`.
+
+    ``chunk_offsets`` (``[nC + 1]``, from the boundary predictor or rule) is used by ``dynamic``;
+    the other patterns cut the keys into fixed ``k_block`` blocks.
+    """
+    pattern = cfg.effective_pattern(k.shape[1])
+    if pattern != "dynamic" or chunk_offsets is None:
+        chunk_offsets = fixed_offsets(k.shape[1], cfg.k_block, q.device)
+    grid = BlockGrid.build(q.shape[1], chunk_offsets.to(q.device), cfg.q_block)
+    head_group = routing_heads(q.shape[0], k.shape[0], cfg)
+    mask = PATTERN_FUNCTIONS[pattern](q, k, cfg, grid, head_group)
+    return Selection(grid, mask, head_group)
