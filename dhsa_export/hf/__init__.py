@@ -1,0 +1,1 @@
+"""transformers integration: model loading, the "dhsa" attention function, generation."""

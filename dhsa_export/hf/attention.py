@@ -1,0 +1,132 @@
+"""The ``"dhsa"`` attention function for transformers, registered through its attention registry.
+
+``enable_dhsa(model, cfg)`` registers the function (and the SDPA mask builder under the same
+name, so padded batches get a boolean mask), switches the model's ``_attn_implementation`` to
+``"dhsa"`` and gives every attention module a shared :class:`DHSARuntime`. No module is patched:
+LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM all call the registered function.
+
+Prefill (more than one query) is sparse; decode (one query) is dense over the KV cache. For the
+``dynamic`` pattern the key chunks are predicted once per forward pass from layer 0's key states
+and shared by all layers (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..algo.attention import RoutingStats, dhsa_attention
+from ..config import DHSAConfig
+
+ATTENTION_NAME = "dhsa"
+
+# A chunker maps one sequence's real layer-0 keys [Hkv, L, D] to chunk offsets [nC + 1].
+Chunker = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DHSARuntime:
+    """State shared by the attention modules of one model."""
+
+    cfg: DHSAConfig
+    chunker: Chunker | None = None
+    stats: RoutingStats = field(default_factory=RoutingStats)
+    chunk_offsets: list | None = None
+
+    def reset_stats(self) -> None:
+        self.stats = RoutingStats()
+
+
+def register_dhsa_attention() -> None:
+    """Register ``"dhsa"`` in transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, dhsa_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention modules (those with a ``layer_idx`` and q/k/v projections)."""
+    return [
+        module for module in model.modules()
+        if hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj")
+    ]
+
+
+def enable_dhsa(model, cfg: DHSAConfig, chunker: Chunker | None = None) -> DHSARuntime:
+    """Switch ``model`` to DHSA prefill attention; returns the runtime (stats live there)."""
+    register_dhsa_attention()
+    if cfg.pattern == "dynamic" and chunker is None:
+        from ..algo.boundaries import make_chunker
+
+        chunker = make_chunker(cfg)
+    runtime = DHSARuntime(cfg, chunker)
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules DHSA can serve")
+    for module in modules:
+        module.dhsa_runtime = runtime
+    _set_attn_implementation(model, ATTENTION_NAME)
+    return runtime
+
+
+def disable_dhsa(model) -> None:
+    """Back to dense SDPA attention."""
+    for module in attention_modules(model):
+        module.__dict__.pop("dhsa_runtime", None)
+    _set_attn_implementation(model, "sdpa")
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers
+        model.config._attn_implementation = name
+
+
+def boolean_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers' 4D mask as booleans (True = attend); additive float masks are converted."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def dhsa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``[B, H, L, D]`` inputs, ``[B, L, H, Dv]`` output."""
+    runtime: DHSARuntime | None = getattr(module, "dhsa_runtime", None)
+    if runtime is None:
+        raise RuntimeError("dhsa attention called on a module without a runtime; use enable_dhsa(model, cfg)")
+    mask = boolean_mask(attention_mask)
+    if mask is not None and mask.shape[-1] != key.shape[-2]:
+        mask = mask[..., : key.shape[-2]]
+    offsets = None
+    if runtime.cfg.pattern == "dynamic" and query.shape[-2] > 1:
+        if getattr(module, "layer_idx", 0) == 0 or runtime.chunk_offsets is None:
+            runtime.chunk_offsets = _predict_chunks(runtime, key, mask)
+        offsets = runtime.chunk_offsets
+    output = dhsa_attention(query, key, value, runtime.cfg, scaling, mask, offsets, runtime.stats)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _predict_chunks(runtime: DHSARuntime, key: torch.Tensor, mask: torch.Tensor | None) -> list:
+    """Chunk offsets per batch item over that item's real keys (padding removed)."""
+    offsets = []
+    for b in range(key.shape[0]):
+        keys = key[b]
+        if mask is not None:
+            real = mask[b].any(dim=0).any(dim=0).nonzero().squeeze(1)
+            keys = keys[:, real]
+        offsets.append(runtime.chunker(keys))
+    return offsets

