@@ -236,7 +236,7 @@ def route_dynamic(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> to
     score = block_scores(q, k, grid, head_group, length_normalized=True)
     forced = (grid.sink(cfg.sink_tokens) | local_window(grid, cfg.local_tokens))[None]
     weights = chunk_lengths(grid.chunk_offsets).float()
-    last_queries = grid.q_offsets[1:] > q.shape[1] - max(1, cfg.instruction_tokens)
+    last_queries = grid.q_offsets[1:] > q.shape[1] - cfg.instruction_tokens
     return select_under_budget(
         score, grid.causal(), forced, weights, cfg.budget_tokens(key_length), last_queries
     )

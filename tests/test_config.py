@@ -1,0 +1,27 @@
+"""DHSAConfig validation: one clear message naming the value."""
+
+import pytest
+
+from dhsa_export import DHSAConfig, DHSAError
+
+
+@pytest.mark.parametrize("density", [0, 1.5, -0.1, float("nan")])
+def test_bad_density(density):
+    with pytest.raises(DHSAError, match="density"):
+        DHSAConfig(density=density)
+
+
+@pytest.mark.parametrize("field", ["q_block", "k_block"])
+@pytest.mark.parametrize("value", [0, -32])
+def test_bad_block(field, value):
+    with pytest.raises(DHSAError, match=f"{field} {value}"):
+        DHSAConfig(**{field: value})
+
+
+def test_bad_pattern_and_budget():
+    with pytest.raises(DHSAError, match="unknown pattern 'nope'"):
+        DHSAConfig(pattern="nope")
+    cfg = DHSAConfig()
+    assert cfg.budget_blocks(4096) == 16 and cfg.budget_tokens(4096) == 512
+    assert cfg.budget_blocks(10) == 1
+    assert DHSAConfig(density=1.0).budget_blocks(70) == 3
