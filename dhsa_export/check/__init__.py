@@ -1,0 +1,1 @@
+"""Accuracy checks: reference implementations by op name, comparisons, reports."""

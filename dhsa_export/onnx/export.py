@@ -1,0 +1,254 @@
+"""Export a transformers causal LM to two ONNX graphs that share one weights file.
+
+- ``prefill.onnx``: ``input_ids [1, seq]`` -> ``logits [1, 1, vocab]`` (last position only, so no
+  full-length logits are materialized) and ``present.N.key/value [1, Hkv, seq, D]``. Every layer's
+  attention is a ``dhsa::Route`` node feeding a ``dhsa::BlockSparseAttention`` node.
+- ``decode.onnx``: ``input_ids [1, n]`` plus ``past_key_values.N.key/value [1, Hkv, past, D]`` ->
+  ``logits [1, n, vocab]`` and ``present.N.key/value`` (dense attention over the cache).
+
+Both are traced with ``torch.onnx.export(dynamo=True)`` through one attention function registered
+in transformers' attention registry (no module is patched). Outside an ONNX export the same
+function runs the PyTorch reference, so the wrapper modules double as the reference runners that
+``check`` compares ONNX Runtime against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..algo.attention import dhsa_attention
+from ..config import DHSAConfig
+from .registry import BLOCK_SPARSE_ATTENTION, ROUTE, attention_attributes, route_attributes
+
+EXPORT_ATTENTION = "dhsa_export"
+OPSET = 21
+WEIGHTS_FILE = "weights.bin"
+
+
+@dataclass
+class ExportState:
+    """What the export attention function needs per forward pass."""
+
+    cfg: DHSAConfig
+    sparse: bool = True
+    past: list = field(default_factory=list)
+    present: list = field(default_factory=list)
+
+
+def export_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for the exported graphs: custom dhsa nodes (prefill) or dense over a cache (decode).
+
+    The transformers mask is ignored on purpose: the exported graphs take one unpadded sequence,
+    and causality is part of the op (prefill) or built from the shapes (decode).
+    """
+    state: ExportState = module.dhsa_export_state
+    layer = module.layer_idx
+    if state.past:
+        past_key, past_value = state.past[layer]
+        key = torch.cat([past_key, key], dim=2)
+        value = torch.cat([past_value, value], dim=2)
+    state.present[layer] = (key, value)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if state.sparse:
+        output = sparse_attention_nodes(query, key, value, state.cfg, scale)
+    else:
+        output = dense_cached_attention(query, key, value, scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def sparse_attention_nodes(query, key, value, cfg: DHSAConfig, scale: float) -> torch.Tensor:
+    """``dhsa::Route`` + ``dhsa::BlockSparseAttention`` while exporting; the reference otherwise."""
+    if not torch.onnx.is_in_onnx_export():
+        return dhsa_attention(query, key, value, cfg, scale)
+    batch, heads, q_len, _ = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    route_attrs = route_attributes(cfg, heads, kv_heads)
+    routing_heads = heads // route_attrs["head_group"]
+    q_blocks = (q_len + cfg.q_block - 1) // cfg.q_block
+    chunks = (k_len + cfg.k_block - 1) // cfg.k_block
+    block_index, block_count = torch.onnx.ops.symbolic_multi_out(
+        ROUTE.qualified_name, (query, key), route_attrs,
+        dtypes=(torch.int32, torch.int32),
+        shapes=((batch, routing_heads, q_blocks, chunks), (batch, routing_heads, q_blocks)),
+        version=ROUTE.version,
+    )
+    return torch.onnx.ops.symbolic(
+        BLOCK_SPARSE_ATTENTION.qualified_name, (query, key, value, block_index, block_count),
+        attention_attributes(cfg, scale), dtype=query.dtype,
+        shape=(batch, heads, q_len, value.shape[-1]), version=BLOCK_SPARSE_ATTENTION.version,
+    )
+
+
+def dense_cached_attention(query, key, value, scale: float) -> torch.Tensor:
+    """Causal attention of the new queries (at the end) over cache + new keys, GQA expanded."""
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    q_len, k_len = query.shape[2], key.shape[2]
+    rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+    mask = torch.arange(k_len, device=query.device)[None, :] <= rows
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
+
+def install_export_attention(model, cfg: DHSAConfig) -> ExportState:
+    """Register the export attention function and point every attention module at one state."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from ..hf.attention import _set_attn_implementation, attention_modules
+
+    AttentionInterface.register(EXPORT_ATTENTION, export_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(EXPORT_ATTENTION, sdpa_mask)
+    state = ExportState(cfg)
+    for module in attention_modules(model):
+        module.dhsa_export_state = state
+    _set_attn_implementation(model, EXPORT_ATTENTION)
+    return state
+
+
+def num_layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+def kv_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+class PrefillGraph(torch.nn.Module):
+    """``input_ids -> (last logits, present.0.key, present.0.value, ...)`` with DHSA attention."""
+
+    def __init__(self, model, state: ExportState):
+        super().__init__()
+        self.model, self.state = model, state
+
+    def forward(self, input_ids: torch.Tensor):
+        self.state.sparse, self.state.past = True, []
+        self.state.present = [None] * num_layers(self.model)
+        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        logits = self.model.lm_head(hidden[:, -1:, :])
+        return (logits, *[t for pair in self.state.present for t in pair])
+
+
+class DecodeGraph(torch.nn.Module):
+    """``(input_ids, past...) -> (logits, present...)`` with dense attention over the cache."""
+
+    def __init__(self, model, state: ExportState):
+        super().__init__()
+        self.model, self.state = model, state
+
+    def forward(self, input_ids: torch.Tensor, past: tuple[torch.Tensor, ...]):
+        self.state.sparse = False
+        self.state.past = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        self.state.present = [None] * num_layers(self.model)
+        past_length = past[0].shape[2]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] + past_length
+        hidden = self.model.model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+        logits = self.model.lm_head(hidden)
+        return (logits, *[t for pair in self.state.present for t in pair])
+
+
+def export_prefill(model, cfg: DHSAConfig, path: Path, sample_length: int = 300) -> Path:
+    """Trace the DHSA prefill graph to ``path`` (external data written beside it)."""
+    state = install_export_attention(model, cfg)
+    wrapper = PrefillGraph(model, state).eval()
+    sample = torch.randint(0, model.config.vocab_size, (1, sample_length))
+    layers = num_layers(model)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, (sample,), dynamo=True, opset_version=OPSET, optimize=True,
+            input_names=["input_ids"], output_names=["logits", *kv_names(layers, "present")],
+            dynamic_shapes={"input_ids": {1: "sequence"}}, verbose=False,
+        )
+    program.save(str(path), external_data=True)
+    return path
+
+
+def export_decode(model, cfg: DHSAConfig, path: Path, past_length: int = 40) -> Path:
+    """Trace the dense decode graph (KV cache in and out) to ``path``."""
+    state = install_export_attention(model, cfg)
+    wrapper = DecodeGraph(model, state).eval()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = num_layers(model)
+    past = [torch.randn(1, config.num_key_value_heads, past_length, head_dim) for _ in range(2 * layers)]
+    ids = torch.randint(0, config.vocab_size, (1, 1))
+    past_dims = {2: "past_sequence"}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, (ids, tuple(past)), dynamo=True, opset_version=OPSET, optimize=True,
+            input_names=["input_ids", *kv_names(layers, "past_key_values")],
+            output_names=["logits", *kv_names(layers, "present")],
+            dynamic_shapes=({1: "new_tokens"}, tuple([past_dims] * (2 * layers))), verbose=False,
+        )
+    program.save(str(path), external_data=True)
+    return path
+
+
+INLINE_LIMIT = 1024  # bytes; smaller initializers stay inside the graph (shape inference reads them)
+
+
+def share_weights(prefill_path: Path, decode_path: Path, weights_name: str = WEIGHTS_FILE) -> int:
+    """Rewrite both graphs so their large initializers live in one file; returns how many are shared.
+
+    Initializers are matched by content (dtype, shape, bytes), not by name: the exporter's
+    constant folding gives the same pre-transposed weight different names in the two graphs.
+    Small ones stay inline. Files are written to temporary names and renamed.
+    """
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    folder = prefill_path.parent
+    models = [onnx.load(str(path), load_external_data=True) for path in (prefill_path, decode_path)]
+    tmp_weights = folder / f".{weights_name}.tmp"
+    placed: dict[tuple, tuple[int, int]] = {}
+    shared = 0
+    with open(tmp_weights, "wb") as handle:
+        for index, model in enumerate(models):
+            for tensor in model.graph.initializer:
+                array = numpy_helper.to_array(tensor)
+                if array.nbytes < INLINE_LIMIT:
+                    tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+                    continue
+                data = array.tobytes()
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
+                if key in placed:
+                    shared += index  # a hit inside the first graph is a duplicate, not sharing
+                else:
+                    placed[key] = (handle.tell(), len(data))
+                    handle.write(data)
+                    handle.write(b"\0" * ((-handle.tell()) % 64))
+                _point(tensor, weights_name, *placed[key])
+    os.replace(tmp_weights, folder / weights_name)
+    for model, path in zip(models, (prefill_path, decode_path)):
+        _drop_old_data_files(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    return shared
+
+
+def _point(tensor, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` refer to ``length`` bytes at ``offset`` of ``location`` (data dropped)."""
+    from onnx import TensorProto
+
+    for field_name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field_name)
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def _drop_old_data_files(path: Path) -> None:
+    for candidate in (path.with_name(path.name + ".data"),):
+        if candidate.exists():
+            candidate.unlink()

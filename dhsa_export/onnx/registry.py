@@ -1,0 +1,176 @@
+"""The dhsa custom-op registry: the one definition every other component reads.
+
+The exporter (attribute names and defaults), the rewriter, ONNX shape inference, the ONNX Runtime
+CPU library (its registration is checked against :func:`contract_json`), the TensorRT plugin
+fields and the reference implementations used by tests and Polygraphy all come from here. A test
+asserts they agree.
+
+Contract (domain ``dhsa``, version 1):
+
+``Route(query [B,Hq,Lq,D], key [B,Hkv,Lk,D] [, key_chunk_offsets int32 [B,nC+1]])
+-> (block_index int32 [B,Hr,nQ,nC], block_count int32 [B,Hr,nQ])``
+    Selected chunk indices per routing head and query block, ascending, padded with -1; ``Hr =
+    Hq / head_group``. The width is the chunk count, so dense rows fit.
+
+``BlockSparseAttention(query, key, value [B,Hkv,Lk,Dv], block_index, block_count
+[, key_chunk_offsets]) -> output [B,Hq,Lq,Dv]``
+    Exact softmax attention of query head ``h`` (routing head ``h / head_group``, KV head
+    ``h / (Hq / Hkv)``) over the listed chunks; query ``t`` sits at key position ``Lk - Lq + t``
+    and, with ``causal``, sees no later key. Entries past ``block_count`` are ignored; an entry
+    outside ``[0, nC)`` or a count outside ``[0, K]`` is an error. Rows with no key give zeros.
+    Without ``key_chunk_offsets`` chunk ``c`` is keys ``[c k_block, min((c+1) k_block, Lk))``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..config import DHSAConfig
+
+DOMAIN = "dhsa"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    kind: str  # "int" | "float" | "string"
+    default: int | float | str
+    doc: str
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    dtypes: tuple[str, ...]
+    rank: int
+    doc: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    attributes: tuple[Attribute, ...]
+    doc: str
+    domain: str = DOMAIN
+    version: int = VERSION
+    infer_shapes: Callable | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.domain}::{self.name}"
+
+    def attribute(self, name: str) -> Attribute:
+        for attribute in self.attributes:
+            if attribute.name == name:
+                return attribute
+        raise KeyError(f"{self.name} has no attribute {name!r}")
+
+    def defaults(self) -> dict:
+        return {a.name: a.default for a in self.attributes}
+
+
+FLOAT_TYPES = ("float32", "float16", "bfloat16")
+_DEFAULT = DHSAConfig()
+
+BLOCK_ATTRIBUTES = (
+    Attribute("q_block", "int", _DEFAULT.q_block, "query block size in tokens"),
+    Attribute("k_block", "int", _DEFAULT.k_block, "key block size (fixed chunks) in tokens"),
+)
+
+ROUTE = OpSpec(
+    name="Route",
+    inputs=(
+        Port("query", FLOAT_TYPES, 4, "[B, Hq, Lq, D]"),
+        Port("key", FLOAT_TYPES, 4, "[B, Hkv, Lk, D]"),
+        Port("key_chunk_offsets", ("int32",), 2, "[B, nC + 1] variable chunks (dynamic)", optional=True),
+    ),
+    outputs=(
+        Port("block_index", ("int32",), 4, "[B, Hr, nQ, nC] ascending, -1 padded"),
+        Port("block_count", ("int32",), 3, "[B, Hr, nQ]"),
+    ),
+    attributes=BLOCK_ATTRIBUTES + (
+        Attribute("pattern", "string", _DEFAULT.pattern, "topk | ashape | vslash | vslash_blockwise | dynamic"),
+        Attribute("density", "float", _DEFAULT.density, "budget as a fraction of the full key range"),
+        Attribute("head_group", "int", 1, "query heads per routing head (1 = per head)"),
+        Attribute("sink_tokens", "int", _DEFAULT.sink_tokens, "keys always attended at the start"),
+        Attribute("local_tokens", "int", _DEFAULT.local_tokens, "local window (ashape, dynamic)"),
+        Attribute("instruction_tokens", "int", _DEFAULT.instruction_tokens, "last queries dense (dynamic)"),
+        Attribute("vslash_blockwise_above", "int", _DEFAULT.vslash_blockwise_above,
+                  "key length from which vslash uses the blockwise estimate"),
+    ),
+    doc="Chunk selection per routing head and query block.",
+)
+
+BLOCK_SPARSE_ATTENTION = OpSpec(
+    name="BlockSparseAttention",
+    inputs=(
+        Port("query", FLOAT_TYPES, 4, "[B, Hq, Lq, D]"),
+        Port("key", FLOAT_TYPES, 4, "[B, Hkv, Lk, D]"),
+        Port("value", FLOAT_TYPES, 4, "[B, Hkv, Lk, Dv]"),
+        Port("block_index", ("int32",), 4, "[B, Hr, nQ, K]"),
+        Port("block_count", ("int32",), 3, "[B, Hr, nQ]"),
+        Port("key_chunk_offsets", ("int32",), 2, "[B, nC + 1]", optional=True),
+    ),
+    outputs=(Port("output", FLOAT_TYPES, 4, "[B, Hq, Lq, Dv]"),),
+    attributes=BLOCK_ATTRIBUTES + (
+        Attribute("scale", "float", 0.0, "softmax scale; 0 means 1/sqrt(D)"),
+        Attribute("causal", "int", 1, "mask keys after each query's position"),
+    ),
+    doc="Exact attention restricted to the selected chunks.",
+)
+
+OPS: dict[str, OpSpec] = {op.name: op for op in (ROUTE, BLOCK_SPARSE_ATTENTION)}
+
+
+def route_attributes(cfg: DHSAConfig, num_query_heads: int, num_kv_heads: int) -> dict:
+    """Route node attributes for a config (the exporter and rewriter both call this)."""
+    head_group = 1 if cfg.head_routing == "head" else num_query_heads // num_kv_heads
+    values = {
+        "q_block": cfg.q_block, "k_block": cfg.k_block, "pattern": cfg.pattern,
+        "density": float(cfg.density), "head_group": head_group, "sink_tokens": cfg.sink_tokens,
+        "local_tokens": cfg.local_tokens, "instruction_tokens": cfg.instruction_tokens,
+        "vslash_blockwise_above": cfg.vslash_blockwise_above,
+    }
+    assert set(values) == {a.name for a in ROUTE.attributes}
+    return values
+
+
+def attention_attributes(cfg: DHSAConfig, scale: float) -> dict:
+    values = {"q_block": cfg.q_block, "k_block": cfg.k_block, "scale": float(scale), "causal": 1}
+    assert set(values) == {a.name for a in BLOCK_SPARSE_ATTENTION.attributes}
+    return values
+
+
+def config_from_route_attributes(attrs: dict, num_query_heads: int, num_kv_heads: int) -> DHSAConfig:
+    """Inverse of :func:`route_attributes` (reference implementations use it)."""
+    values = {**ROUTE.defaults(), **attrs}
+    group = int(values["head_group"])
+    head_routing = "head" if group == 1 and num_query_heads != num_kv_heads else "group"
+    if group not in (1, num_query_heads // num_kv_heads):
+        raise ValueError(f"head_group {group} must be 1 or Hq/Hkv = {num_query_heads // num_kv_heads}")
+    return DHSAConfig(
+        density=float(values["density"]), q_block=int(values["q_block"]), k_block=int(values["k_block"]),
+        pattern=str(values["pattern"]), head_routing=head_routing, sink_tokens=int(values["sink_tokens"]),
+        local_tokens=int(values["local_tokens"]), instruction_tokens=int(values["instruction_tokens"]),
+        vslash_blockwise_above=int(values["vslash_blockwise_above"]),
+    )
+
+
+def contract_json() -> str:
+    """The registry as JSON (native libraries embed/compare it; the TRT plugin reads field names)."""
+    return json.dumps({
+        "domain": DOMAIN, "version": VERSION,
+        "ops": [{
+            "name": op.name,
+            "inputs": [{"name": p.name, "dtypes": list(p.dtypes), "rank": p.rank, "optional": p.optional}
+                       for p in op.inputs],
+            "outputs": [{"name": p.name, "dtypes": list(p.dtypes), "rank": p.rank} for p in op.outputs],
+            "attributes": [{"name": a.name, "type": a.kind, "default": a.default} for a in op.attributes],
+        } for op in OPS.values()],
+    }, indent=2, sort_keys=True)
