@@ -205,6 +205,96 @@ def train_boundaries(model_spec, data_dir, out_path, max_tokens, seq_len, epochs
 
 
 @main.command()
+@model_options
+@dhsa_options
+@click.option("--backend", type=click.Choice(["ort-cpu", "trt"]), default="ort-cpu", show_default=True)
+@click.option("--int4", is_flag=True, help="4-bit weight-only quantization of the linear layers (MatMulNBits).")
+@click.option("--int4-block-size", type=int, default=32, show_default=True)
+@click.option("--int4-lm-head", is_flag=True, help="Quantize the output projection too.")
+@click.option("-o", "--output", "out_dir", default="dhsa-artifact", show_default=True, metavar="DIR")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@user_errors
+def build(model_spec, layers, attention, pattern, density, q_block, k_block, head_routing,
+          boundary_predictor, backend, int4, int4_block_size, int4_lm_head, out_dir, force) -> None:
+    """Build a deployable artifact: ONNX graphs, weights, custom-op library, tokenizer, manifest."""
+    if attention != "dhsa":
+        raise DHSAError("build exports DHSA prefill graphs; drop --attention dense")
+    if pattern == "dynamic":
+        raise DHSAError("the dynamic pattern is not exportable yet (chunk prediction runs in PyTorch); use another --pattern")
+    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor)
+    quiet_transformers()
+    from .build import BuildOptions
+    from .build import build as run_build
+
+    path = run_build(BuildOptions(model_spec=model_spec, layers=layers, backend=backend, int4=int4,
+                                  int4_block_size=int4_block_size, int4_lm_head=int4_lm_head, cfg=cfg,
+                                  out=out_dir, force=force))
+    click.echo(f"built {path}")
+
+
+@main.command()
+@click.argument("artifact", metavar="DIR")
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), default=None, help="Read the prompt from a file.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@user_errors
+def run(artifact, prompt, prompt_file, max_new_tokens, raw, threads) -> None:
+    """Generate from a built artifact, streaming tokens (manifest verified first)."""
+    if (prompt is None) == (prompt_file is None):
+        raise DHSAError("pass exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is not None:
+        from pathlib import Path
+
+        if not Path(prompt_file).is_file():
+            raise DHSAError(f"prompt file {prompt_file!r} does not exist")
+        prompt = Path(prompt_file).read_text()
+    if max_new_tokens < 1:
+        raise DHSAError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    quiet_transformers()
+    from .backends.ort_cpu.generate import generate_tokens, open_artifact
+    from .hf.generate import prompt_text
+
+    sessions = open_artifact(artifact, threads=threads)
+    tokenizer = sessions.tokenizer
+    ids = tokenizer(prompt_text(tokenizer, prompt, raw), add_special_tokens=False)["input_ids"]
+    emitted: list[int] = []
+    printed = [""]
+
+    def stream(token: int) -> None:
+        emitted.append(token)
+        text = tokenizer.decode(emitted, skip_special_tokens=True)
+        click.echo(text[len(printed[0]):], nl=False)
+        printed[0] = text
+
+    generate_tokens(sessions, ids, max_new_tokens, on_token=stream)
+    click.echo()
+
+
+@main.command()
+@click.argument("artifact", metavar="DIR")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the report as JSON.")
+@click.option("--lengths", default="96,700,1500", show_default=True, help="Prompt lengths to compare on.")
+@click.option("--save-outputs", default=None, metavar="FILE",
+              help="Save both runners' outputs (Polygraphy RunResults JSON; 'polygraphy inspect data FILE').")
+@user_errors
+def check(artifact, json_path, lengths, save_outputs) -> None:
+    """Polygraphy accuracy check: ONNX Runtime (custom ops) against the PyTorch reference."""
+    quiet_transformers()
+    from .check.compare import check_artifact
+
+    report = check_artifact(artifact, parse_int_list(lengths, "lengths"), json_path, save_outputs)
+    worst = max(report["outputs"], key=lambda r: r["max_abs_error"])
+    status = "PASSED" if report["passed"] else "FAILED"
+    click.echo(f"{status}: {len(report['outputs'])} outputs on prompts of {report['prompt_lengths']} tokens; "
+               f"worst {worst['name']} max abs {worst['max_abs_error']:.3g}, max rel {worst['max_rel_error']:.3g} "
+               f"(atol {report['tolerances']['atol']}, rtol {report['tolerances']['rtol']})")
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@main.command()
 def models() -> None:
     """List the model recipes."""
     from .hf.recipes import DEFAULT_MODEL, load_recipe, recipe_names

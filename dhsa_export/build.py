@@ -1,0 +1,147 @@
+"""``build``: model -> ONNX prefill + decode graphs -> (INT4) -> artifact folder with manifest.
+
+Each stage is a function from artifact to artifact (:mod:`.onnx.export`, :mod:`.onnx.quantize`,
+the backend's library build); this module strings them together inside a staging folder that is
+renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifact import staged_folder, write_manifest
+from .config import DHSAConfig
+from .errors import DHSAError
+
+BACKENDS = ("ort-cpu", "trt")
+LIBRARY_DIR = "lib"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class BuildOptions:
+    model_spec: str | None = None
+    layers: int | None = None
+    backend: str = "ort-cpu"
+    int4: bool = False
+    int4_block_size: int = 32
+    int4_lm_head: bool = False
+    cfg: DHSAConfig = field(default_factory=DHSAConfig)
+    out: Path = Path("dhsa-artifact")
+    force: bool = False
+    progress: bool = True
+
+
+def validate(options: BuildOptions) -> None:
+    """Everything that can be checked before minutes of work is checked first."""
+    if options.backend not in BACKENDS:
+        raise DHSAError(f"unknown backend {options.backend!r}; use one of {', '.join(BACKENDS)}")
+    if options.backend == "trt":
+        raise DHSAError(
+            "backend 'trt' is not available in this version (TensorRT plugin pending); use --backend ort-cpu"
+        )
+    if options.int4:
+        from .onnx.quantize import SUPPORTED_BLOCK_SIZES
+
+        if options.int4_block_size not in SUPPORTED_BLOCK_SIZES:
+            raise DHSAError(
+                f"int4 block size {options.int4_block_size} is not supported; use one of "
+                f"{', '.join(map(str, SUPPORTED_BLOCK_SIZES))}"
+            )
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise DHSAError(f"output path {str(out)!r} is a file; pass a folder with -o")
+    if out.exists() and any(out.iterdir()) and not options.force:
+        raise DHSAError(f"output folder {str(out)!r} exists and is not empty; pass --force or another -o")
+
+
+def build(options: BuildOptions) -> Path:
+    """Build the artifact folder ``options.out``; returns its path."""
+    from tqdm import tqdm
+
+    from .hf.models import load_model
+
+    validate(options)
+    stages = ["load model", "build custom-op library", "export prefill", "export decode"]
+    stages += ["quantize int4"] if options.int4 else []
+    stages += ["share weights", "tokenizer + manifest"]
+    bar = tqdm(total=len(stages), desc="build", unit="stage", disable=not options.progress)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    with staged_folder(Path(options.out), force=options.force) as staging:
+        step(stages[0])
+        loaded = load_model(options.model_spec, layers=options.layers)
+        bar.update()
+        step(stages[1])
+        library = _backend_library(options.backend, staging)
+        bar.update()
+        graphs = _export_graphs(loaded, options, staging, step, bar)
+        step("share weights")
+        from .onnx.export import share_weights
+
+        shared = share_weights(graphs["prefill"], graphs["decode"])
+        bar.update()
+        step("tokenizer + manifest")
+        loaded.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        write_manifest(staging, _manifest_info(loaded, options, library, shared, staging))
+        bar.update()
+    bar.close()
+    return Path(options.out).resolve()
+
+
+def _export_graphs(loaded, options: BuildOptions, staging: Path, step, bar) -> dict[str, Path]:
+    from .onnx.export import export_decode, export_prefill
+
+    step("export prefill")
+    prefill = export_prefill(loaded.model, options.cfg, staging / "prefill.onnx")
+    bar.update()
+    step("export decode")
+    decode = export_decode(loaded.model, options.cfg, staging / "decode.onnx")
+    bar.update()
+    if options.int4:
+        from .onnx.quantize import quantize_int4
+
+        step("quantize int4")
+        for path in (prefill, decode):
+            quantize_int4(path, options.int4_block_size, include_lm_head=options.int4_lm_head)
+        bar.update()
+    return {"prefill": prefill, "decode": decode}
+
+
+def _backend_library(backend: str, staging: Path) -> Path:
+    """Build (or reuse the cached) custom-op library and copy it into the artifact."""
+    from .backends.ort_cpu import build_library
+
+    built = Path(build_library())
+    target = staging / LIBRARY_DIR / built.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(built, target)
+    return target
+
+
+def _manifest_info(loaded, options: BuildOptions, library: Path, shared: int, staging: Path) -> dict:
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    eos = config.eos_token_id if config.eos_token_id is not None else loaded.tokenizer.eos_token_id
+    return {
+        "backend": options.backend,
+        "model": {
+            "name": loaded.name, "source": loaded.source, "spec": options.model_spec,
+            "layers": config.num_hidden_layers, "architecture": type(loaded.model).__name__,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
+            "vocab_size": config.vocab_size, "max_length": loaded.max_length,
+            "eos_token_id": eos if isinstance(eos, list) else [eos],
+        },
+        "dhsa": options.cfg.to_dict(),
+        "quantization": {"int4": options.int4, "block_size": options.int4_block_size,
+                         "lm_head": options.int4_lm_head} if options.int4 else None,
+        "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": "weights.bin",
+                   "shared_initializers": shared},
+        "library": str(library.relative_to(staging)),
+        "tokenizer": TOKENIZER_DIR,
+    }
