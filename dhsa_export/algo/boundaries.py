@@ -77,9 +77,10 @@ def enforce_chunk_limits(
     taken; proposals closer than ``min_chunk`` are dropped. If the rest of the sequence fits in one
     chunk (``L - start <= max_chunk``) and no such proposal exists, the last chunk ends at ``L``.
     Otherwise a cut is forced at the best-scoring start in
-    ``[start + min_chunk, min(start + max_chunk, L - min_chunk)]`` (``start + max_chunk`` without
-    scores). Only when ``L`` leaves no choice (``L < min_chunk``, or ``max_chunk < 2 min_chunk - 1``
-    and the remainder cannot be split) is the last chunk shorter than ``min_chunk``.
+    ``[start + min_chunk, min(start + max_chunk, L - min_chunk)]`` (the latest of equal scores;
+    the latest start without scores). Only when ``L`` leaves no choice (``L < min_chunk``, or
+    ``max_chunk < 2 min_chunk - 1`` and the remainder cannot be split) is the last chunk shorter
+    than ``min_chunk``.
     The loop runs once per chunk on numpy data: ~L / min_chunk steps, milliseconds at 128K.
     """
     length = int(length)
@@ -87,7 +88,6 @@ def enforce_chunk_limits(
         return torch.zeros(1, dtype=torch.long)
     props = np.unique(np.asarray(_to_numpy(proposals), dtype=np.int64).reshape(-1))
     props = props[(props > 0) & (props < length)].tolist()
-    # start-position scores: start p corresponds to candidate p - 1
     start_scores = None  # start p = c + 1 carries the score of candidate c
     if scores is not None:
         cand = np.asarray(_to_numpy(scores), dtype=np.float64).reshape(-1)
@@ -110,8 +110,8 @@ def enforce_chunk_limits(
             chosen = cut_hi
             if start_scores is not None:
                 window = start_scores[lo : cut_hi + 1]
-                if window.size and np.isfinite(window.max()):
-                    chosen = lo + int(np.argmax(window))
+                if window.size and np.isfinite(window.max()):  # ties: the latest start (longer chunk)
+                    chosen = cut_hi - int(np.argmax(window[::-1]))
         offsets.append(chosen)
         start = chosen
     offsets.append(length)
@@ -142,33 +142,34 @@ def token_features(keys: torch.Tensor) -> torch.Tensor:
     return keys.float().permute(1, 0, 2).reshape(keys.shape[1], keys.shape[0] * keys.shape[2])
 
 
-def window_means(features: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean feature of the left and right window of every candidate ``c``: ``[L, F]`` each.
-
-    Also returns ``valid [L]``: candidates whose two windows lie fully inside the sequence
-    (``w - 1 <= c <= L - w - 1``); invalid rows hold zeros.
-    """
+def window_sums(features: torch.Tensor, window: int) -> torch.Tensor:
+    """``m[j] = sum of features[j : j + window]``, ``[L - window + 1, F]`` (shifted adds, no prefix sum)."""
     length = features.shape[0]
-    prefix = F.pad(features.cumsum(dim=0), (0, 0, 1, 0))  # prefix[i] = sum of tokens < i
-    c = torch.arange(length, device=features.device)
-    valid = (c >= window - 1) & (c + window <= length - 1)
-    left_lo = (c - window + 1).clamp(0, length)
-    right_hi = (c + window + 1).clamp(0, length)
-    mid = (c + 1).clamp(0, length)
-    left = (prefix[mid] - prefix[left_lo]) / window
-    right = (prefix[right_hi] - prefix[mid]) / window
-    zero = torch.zeros_like(left)
-    return torch.where(valid[:, None], left, zero), torch.where(valid[:, None], right, zero), valid
+    sums = features[: length - window + 1].clone()
+    for shift in range(1, window):
+        sums += features[shift : length - window + 1 + shift]
+    return sums
 
 
 def similarity_scores(keys: torch.Tensor, window: int = DEFAULT_WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
     """Dissimilarity ``d[c] = 1 - cos(mean left window, mean right window)`` per candidate, and ``valid``.
 
-    Features are the layer-0 keys with KV heads concatenated; invalid candidates get ``d = 0``.
+    Features are the layer-0 keys with KV heads concatenated. ``valid [L]`` marks the candidates
+    whose two windows lie inside the sequence (``w - 1 <= c <= L - w - 1``); others get ``d = 0``.
     """
-    left, right, valid = window_means(token_features(keys), window)
-    d = 1.0 - F.cosine_similarity(left, right, dim=-1, eps=1e-6)
-    return torch.where(valid, d, torch.zeros_like(d)), valid
+    features = token_features(keys)
+    length = features.shape[0]
+    c = torch.arange(length, device=features.device)
+    valid = (c >= window - 1) & (c + window <= length - 1)
+    d = torch.zeros(length, dtype=torch.float32, device=features.device)
+    count = length - 2 * window + 1  # valid candidates c = w-1 .. L-w-1
+    if count > 0:
+        sums = window_sums(features, window)
+        left, right = sums[:count], sums[window:]  # left window of c starts at c-w+1, right at c+1
+        dot = (left * right).sum(-1)
+        norms = left.square().sum(-1).sqrt() * right.square().sum(-1).sqrt()
+        d[window - 1 : window - 1 + count] = 1.0 - dot / norms.clamp(min=1e-12)
+    return d, valid
 
 
 def similarity_proposals(keys: torch.Tensor, window: int = DEFAULT_WINDOW) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,25 +228,35 @@ def masses_from_probs(probs: torch.Tensor, window: int = DEFAULT_WINDOW) -> tupl
     """Left/right label masses from attention probabilities ``[H, L, L]`` (or ``[L, L]``), summed over heads.
 
     ``left[c] = sum_h sum_{i > c+w} sum_{j in [c-w+1, c]} P[h, i, j]`` and ``right[c]`` the same over
-    ``j in [c+1, c+w]``; zero outside :func:`label_candidates`. A reverse cumulative sum over rows
-    gives every candidate's later-row mass at once.
+    ``j in [c+1, c+w]``; zero outside :func:`label_candidates`.
     """
     summed = probs.float().sum(0) if probs.ndim == 3 else probs.float()
+    return _masses_from_summed(summed, window)
+
+
+def _masses_from_summed(summed: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-candidate masses from head-summed causal probabilities ``S [L, L]`` without any L x L pass
+    beyond one column sum.
+
+    The mass rows ``i > c + w`` put on key ``j`` is the column total minus the rows ``j <= i <= c + w``
+    (causality: rows above ``j`` put nothing on it). Those rows lie within ``2w - 1`` of the diagonal,
+    so ``tail(c, j) = colsum[j] - sum_{d=0}^{c+w-j} S[j + d, j]`` needs only ``2w`` sub-diagonals.
+    """
     length = summed.shape[-1]
-    # tail[t, j] = sum_{i >= t} summed[i, j], with a zero row at t = L
-    tail = F.pad(summed.flip(0).cumsum(0).flip(0), (0, 0, 0, 1))
-    return _window_masses(tail, length, window)
-
-
-def _window_masses(tail: torch.Tensor, length: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    device = tail.device
+    device = summed.device
+    colsum = summed.sum(0, dtype=torch.float64)  # [L]
+    band = torch.zeros(2 * window, length, dtype=torch.float64, device=device)  # band[d, j] = S[j+d, j]
+    for d in range(min(2 * window, length)):
+        band[d, : length - d] = summed.diagonal(-d)
+    band = band.cumsum(0)  # band[d, j] = sum_{d' <= d} S[j+d', j]
     valid = label_candidates(length, window, device)
     c = torch.arange(length, device=device)
-    rows = (c + window + 1).clamp(max=length)[:, None]  # first row strictly after the right window
-    left_cols = (c[:, None] + torch.arange(-window + 1, 1, device=device)[None]).clamp(0, length - 1)
-    right_cols = (c[:, None] + torch.arange(1, window + 1, device=device)[None]).clamp(0, length - 1)
-    left = tail[rows, left_cols].sum(-1)
-    right = tail[rows, right_cols].sum(-1)
+    offsets = torch.arange(-window + 1, window + 1, device=device)  # j = c + offset, left then right
+    cols = (c[:, None] + offsets[None]).clamp(0, length - 1)  # [L, 2w]
+    depth = (window - offsets).clamp(0, 2 * window - 1)[None].expand_as(cols)  # c + w - j
+    tail = colsum[cols] - band[depth, cols]
+    left = tail[:, :window].sum(-1).float()
+    right = tail[:, window:].sum(-1).float()
     zero = torch.zeros_like(left)
     return torch.where(valid, left, zero), torch.where(valid, right, zero)
 
@@ -255,28 +266,56 @@ def accumulate_label_masses(
     k: torch.Tensor,
     scaling: float | None = None,
     window: int = DEFAULT_WINDOW,
-    head_chunk: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    head_chunk: int | None = None,
+    *,
+    v: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Left/right label masses of one layer from its post-RoPE ``q [Hq, L, D]`` and ``k [Hkv, L, D]``.
 
-    Computes the causal softmax a few heads at a time, sums the probabilities over heads into one
-    ``[L, L]`` matrix and reduces it to per-candidate masses (see :func:`masses_from_probs`), so
-    memory stays O(head_chunk x L^2) and no layer's attention is kept. Sum the results of all
+    Computes the softmax ``head_chunk`` heads at a time (by default as many as fit in about 256 MB),
+    sums the probabilities over heads into one ``[L, L]`` matrix and reduces it to per-candidate
+    masses (see :func:`masses_from_probs`), so no layer's attention is kept. Sum the results of all
     layers and pass ``(left, right)`` to :func:`boundary_labels`. Meant for L of a few thousand.
+
+    Args:
+        mask: optional boolean ``[L, L]`` (True = attend) replacing the causal rule (e.g. a
+            sliding window); rows without any key contribute nothing.
+        v: optional values ``[Hkv, L, Dv]``; then the attention output ``[Hq, L, Dv]`` computed from
+            the same probabilities is returned as a third element (the label capture uses it as
+            the layer's output instead of running the attention twice).
     """
     num_heads, length, dim = q.shape
-    if num_heads % k.shape[0]:
-        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {k.shape[0]}")
+    num_kv = k.shape[0]
+    if num_heads % num_kv:
+        raise ValueError(f"query heads {num_heads} not a multiple of KV heads {num_kv}")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
-    group = num_heads // k.shape[0]
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    group = num_heads // num_kv
+    if head_chunk is None:  # about 256 MB of probabilities at a time
+        head_chunk = max(1, min(num_heads, (64 << 20) // max(1, length * length)))
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:  # [Hkv, L, X] -> [Hq, L, X] (a view)
+        return x[:, None].expand(num_kv, group, *x.shape[1:]).reshape(num_heads, *x.shape[1:])
+
+    keys = per_head(k.float())
+    values = per_head(v.float()) if v is not None else None
+    if mask is None:
+        blocked = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    else:
+        blocked = ~mask.bool()
     summed = torch.zeros(length, length, dtype=torch.float32, device=q.device)
+    out = None if v is None else q.new_zeros(num_heads, length, v.shape[-1], dtype=torch.float32)
     for first in range(0, num_heads, head_chunk):
-        heads = torch.arange(first, min(first + head_chunk, num_heads), device=q.device)
-        logits = torch.einsum("hld,hmd->hlm", q[heads].float(), k[heads // group].float()) * scale
-        summed += logits.masked_fill(~causal, -math.inf).softmax(dim=-1).sum(0)
-    tail = F.pad(summed.flip(0).cumsum(0).flip(0), (0, 0, 0, 1))
-    return _window_masses(tail, length, window)
+        last = min(first + head_chunk, num_heads)
+        logits = torch.bmm(q[first:last].float(), keys[first:last].transpose(1, 2)).mul_(scale)
+        probs = logits.masked_fill_(blocked, -math.inf).softmax(dim=-1)
+        if mask is not None:  # rows with no key are NaN
+            probs.nan_to_num_(0.0)
+        summed += probs.sum(0)
+        if out is not None:
+            out[first:last] = torch.bmm(probs, values[first:last])
+    left, right = _masses_from_summed(summed, window)
+    return (left, right) if out is None else (left, right, out)
 
 
 def boundary_labels(
@@ -307,6 +346,33 @@ def boundary_labels(
 
 
 # --------------------------------------------------------------------------- predictor
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside a window, split so projections can be shared across windows.
+
+    Equivalent to ``nn.MultiheadAttention`` (fused q/k/v projection, output projection), but the
+    q/k/v projection is applied by the caller: the projection of a token is the same in each of
+    the ``2w`` windows that contain it, so :meth:`BoundaryPredictor.sequence_logits` computes it
+    once per token.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv [N, S, 3d]`` (already projected) -> output ``[N, S, d]`` (output projection applied)."""
+        n, size, width = qkv.shape
+        d = width // 3
+        q, k, v = qkv.view(n, size, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(out.transpose(1, 2).reshape(n, size, d))
 
 
 class BoundaryPredictor(nn.Module):
@@ -342,7 +408,7 @@ class BoundaryPredictor(nn.Module):
         self.register_buffer("feature_std", torch.ones(input_features))
         self.input_proj = nn.Linear(input_features, d_model)
         self.position = nn.Parameter(torch.randn(2 * window, d_model) * 0.02)
-        self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.attn = WindowAttention(d_model, num_heads, dropout)
         self.norm = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
             nn.Linear(4 * d_model + 1, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
@@ -359,25 +425,26 @@ class BoundaryPredictor(nn.Module):
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
         return (features.float() - self.feature_mean) / self.feature_std
 
-    def head(self, normalized_windows: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N]`` from standardized windows ``[N, 2w, input_features]``."""
-        x = self.input_proj(normalized_windows) + self.position
-        attended, _ = self.attn(x, x, x, need_weights=False)
-        x = self.norm(x + attended)
-        left, right = x[:, : self.window].mean(1), x[:, self.window :].mean(1)
+    def _head(self, x: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N]`` from window embeddings ``x [N, 2w, d]`` (positions added) and their q/k/v."""
+        h = self.norm(x + self.attn.attend(qkv))
+        left, right = h[:, : self.window].mean(1), h[:, self.window :].mean(1)
         cos = F.cosine_similarity(left, right, dim=-1, eps=1e-6)[:, None]
         feats = torch.cat([left, right, (left - right).abs(), left * right, cos], dim=-1)
         return self.mlp(feats).squeeze(-1)
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """Logits ``[N]`` for raw token-feature windows ``[N, 2w, input_features]`` (tokens c-w+1 .. c+w)."""
-        return self.head(self.normalize(windows))
+        x = self.input_proj(self.normalize(windows)) + self.position
+        return self._head(x, self.attn.qkv(x))
 
-    def sequence_logits(self, keys: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    def sequence_logits(self, keys: torch.Tensor, batch: int = 16384) -> torch.Tensor:
         """Logit of every candidate ``c`` of one sequence, ``[L]``, from layer-0 keys ``[Hkv, L, D]``.
 
-        Token features are standardized, zero-padded at the edges (w - 1 tokens before, w after) and
-        unfolded into one window per candidate; windows are scored ``batch`` at a time.
+        Standardized token features are zero-padded at the edges (w - 1 tokens before, w after)
+        and unfolded into one window per candidate. The input and q/k/v projections are linear,
+        so they are computed once per token and the per-slot position terms added to the windows;
+        the result equals :meth:`forward` on the unfolded windows.
         """
         features = token_features(keys)
         if features.shape[1] != self.input_features:
@@ -385,11 +452,20 @@ class BoundaryPredictor(nn.Module):
                 f"keys give {features.shape[1]} features per token, the predictor expects {self.input_features}"
             )
         length, w = features.shape[0], self.window
-        padded = F.pad(self.normalize(features), (0, 0, w - 1, w))
-        windows = padded.unfold(0, 2 * w, 1).transpose(1, 2)  # [L, 2w, F] (a view)
         if length == 0:
             return features.new_zeros(0)
-        return torch.cat([self.head(windows[i : i + batch]) for i in range(0, length, batch)])
+        padded = F.pad(self.normalize(features), (0, 0, w - 1, w))
+        tokens = self.input_proj(padded)  # [L + 2w - 1, d]
+        token_qkv = F.linear(tokens, self.attn.qkv.weight)  # bias added with the position term
+        slot_qkv = self.attn.qkv(self.position)  # [2w, 3d]
+        logits = []
+        for first in range(0, length, batch):
+            last = min(length, first + batch)
+            span = slice(first, last + 2 * w - 1)
+            x = tokens[span].unfold(0, 2 * w, 1).transpose(1, 2) + self.position
+            qkv = token_qkv[span].unfold(0, 2 * w, 1).transpose(1, 2) + slot_qkv
+            logits.append(self._head(x, qkv))
+        return torch.cat(logits)
 
     @torch.no_grad()
     def boundaries(self, keys: torch.Tensor, min_chunk: int, max_chunk: int) -> torch.Tensor:
@@ -425,6 +501,9 @@ def save_predictor(predictor: BoundaryPredictor, path: str | os.PathLike, info: 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -130,6 +130,19 @@ def last_queries_probabilities(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid
     return group_mean(probs, head_group), positions
 
 
+def sum_along_diagonals(probs: torch.Tensor, row_positions: torch.Tensor) -> torch.Tensor:
+    """``out[h, o] = sum_i probs[h, i, row_positions[i] - o]`` (terms with a negative column are 0).
+
+    A gather along diagonals, the same size as ``probs``: no scatter with atomics, so it is
+    deterministic and fast on GPUs.
+    """
+    width = probs.shape[-1]
+    columns = row_positions[:, None] - torch.arange(width, device=probs.device)[None, :]
+    valid = (columns >= 0) & (columns < width)
+    index = columns.clamp(0, width - 1).expand(probs.shape[0], -1, -1)
+    return (probs.gather(-1, index) * valid[None]).sum(dim=1)
+
+
 def top_lines_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     """``[H, n]`` mask of the ``count`` largest entries per row (positive ones only)."""
     count = max(0, min(count, scores.shape[-1]))
@@ -173,11 +186,7 @@ def route_vslash(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> tor
     n_last = min(cfg.q_block, q.shape[1])
     probs, positions = last_queries_probabilities(q, k, grid, head_group, n_last)
     vertical = probs.sum(dim=1)  # [Hr, Lk]
-    offsets = (positions[:, None] - torch.arange(key_length, device=q.device)[None, :])
-    valid = offsets >= 0
-    slash = torch.zeros_like(vertical)
-    flat_offsets = offsets.clamp(min=0).reshape(-1).expand(probs.shape[0], -1)
-    slash.scatter_add_(1, flat_offsets, (probs * valid[None]).reshape(probs.shape[0], -1))
+    slash = sum_along_diagonals(probs, positions)
     budget_tokens = cfg.budget_tokens(key_length)
     n_vertical = budget_tokens // 2
     vertical = vertical * top_lines_mask(vertical, n_vertical)
@@ -206,9 +215,7 @@ def route_vslash_blockwise(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: i
     diag = torch.searchsorted(grid.chunk_offsets[1:], grid.q_last_position(), right=True)
     block_offset = diag[:, None] - torch.arange(grid.num_chunks, device=q.device)[None, :]
     vertical = probs.sum(dim=1)  # [Hr, nC]
-    slash = torch.zeros_like(vertical)
-    flat = block_offset.clamp(min=0).reshape(-1).expand(probs.shape[0], -1)
-    slash.scatter_add_(1, flat, (probs * causal[None]).reshape(probs.shape[0], -1))
+    slash = sum_along_diagonals(probs * causal[None], diag)
     budget = cfg.budget_blocks(key_length)
     n_vertical = budget // 2
     vertical = vertical * top_lines_mask(vertical, n_vertical)

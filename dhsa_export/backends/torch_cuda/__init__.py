@@ -1,0 +1,22 @@
+"""CUDA backend: the kernels of ``plugins/trt/kernels`` built with nvcc on first use (cached by
+source hash), loaded with ctypes and exposed as the torch custom op
+``torch.ops.dhsa.block_sparse_attention``.
+
+    from dhsa_export.backends.torch_cuda import dhsa_attention_cuda
+    out = dhsa_attention_cuda(q, k, v, DHSAConfig())   # q [B, Hq, L, D], k/v [B, Hkv, L, D] on CUDA
+"""
+
+from .build import build_library, library_path
+from .ops import (
+    block_sparse_attention_cuda,
+    dhsa_attention_cuda,
+    launch,
+    raise_on_error_flag,
+    route_batch,
+    selections_to_indices,
+)
+
+__all__ = [
+    "block_sparse_attention_cuda", "build_library", "dhsa_attention_cuda", "launch", "library_path",
+    "raise_on_error_flag", "route_batch", "selections_to_indices",
+]

@@ -1,0 +1,111 @@
+"""ctypes binding of the C ABI in ``plugins/trt/kernels/dhsa_kernels.h`` (the TensorRT plugin calls
+the same functions). Raw pointers and sizes only: no torch here."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+from ...errors import DHSAError
+from .build import build_library
+
+ABI_VERSION = 1
+
+STATUS_OK = 0
+STATUS_INDEX_ERROR = 5
+
+DTYPE_FP16 = 0
+DTYPE_BF16 = 1
+
+VARIANTS = {"auto": 0, "m64": 1, "m128": 2, "m128w4": 3, "m256": 4}
+
+
+class DhsaBsaParams(ctypes.Structure):
+    """Mirror of ``DhsaBsaParams`` (field order and types must match the header)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("block_index", ctypes.c_void_p),
+        ("block_count", ctypes.c_void_p),
+        ("key_chunk_offsets", ctypes.c_void_p),
+        ("batch", ctypes.c_int32),
+        ("num_q_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("num_route_heads", ctypes.c_int32),
+        ("q_len", ctypes.c_int32),
+        ("k_len", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("index_width", ctypes.c_int32),
+        ("num_chunks", ctypes.c_int32),
+        ("q_block", ctypes.c_int32),
+        ("k_block", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("causal", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("variant", ctypes.c_int32),
+    ]
+
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+
+
+def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
+    """Load (building on first use) the kernel library; ``$DHSA_KERNEL_LIBRARY`` overrides the path."""
+    global _LIB
+    with _LOCK:
+        if _LIB is not None and path is None:
+            return _LIB
+        path = path or os.environ.get("DHSA_KERNEL_LIBRARY") or build_library()
+        try:
+            lib = ctypes.CDLL(str(Path(path)))
+        except OSError as exc:
+            raise DHSAError(f"cannot load the DHSA kernel library {path}: {exc}; delete it to rebuild") from exc
+        lib.dhsa_abi_version.restype = ctypes.c_int
+        lib.dhsa_status_string.restype = ctypes.c_char_p
+        lib.dhsa_status_string.argtypes = [ctypes.c_int]
+        lib.dhsa_last_error_message.restype = ctypes.c_char_p
+        lib.dhsa_bsa_workspace_size.restype = ctypes.c_int
+        lib.dhsa_bsa_workspace_size.argtypes = [ctypes.POINTER(DhsaBsaParams), ctypes.POINTER(ctypes.c_size_t)]
+        lib.dhsa_bsa_forward.restype = ctypes.c_int
+        lib.dhsa_bsa_forward.argtypes = [
+            ctypes.POINTER(DhsaBsaParams), ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+        ]
+        lib.dhsa_bsa_read_error_flag.restype = ctypes.c_int
+        lib.dhsa_bsa_read_error_flag.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
+        version = lib.dhsa_abi_version()
+        if version != ABI_VERSION:
+            raise DHSAError(
+                f"DHSA kernel library {path} has ABI version {version}, this package needs {ABI_VERSION}; "
+                "delete the cached library to rebuild"
+            )
+        _LIB = lib
+        return lib
+
+
+def check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    """Raise :class:`DHSAError` naming the call, the status and the library's message."""
+    if status != STATUS_OK:
+        name = lib.dhsa_status_string(status).decode()
+        message = lib.dhsa_last_error_message().decode()
+        raise DHSAError(f"{what} failed: {name} ({status}): {message}")
+
+
+def workspace_size(lib: ctypes.CDLL, params: DhsaBsaParams) -> int:
+    size = ctypes.c_size_t(0)
+    check(lib, lib.dhsa_bsa_workspace_size(ctypes.byref(params), ctypes.byref(size)), "dhsa_bsa_workspace_size")
+    return int(size.value)
+
+
+def forward(lib: ctypes.CDLL, params: DhsaBsaParams, workspace: int, workspace_bytes: int, stream: int) -> None:
+    check(lib, lib.dhsa_bsa_forward(ctypes.byref(params), workspace, workspace_bytes, stream), "dhsa_bsa_forward")
+
+
+def read_error_flag(lib: ctypes.CDLL, workspace: int, stream: int) -> None:
+    flag = ctypes.c_int32(0)
+    check(lib, lib.dhsa_bsa_read_error_flag(workspace, stream, ctypes.byref(flag)), "block-sparse attention")

@@ -1,0 +1,199 @@
+"""PyTorch front of the CUDA kernels: the ``dhsa::block_sparse_attention`` custom op and
+:func:`dhsa_attention_cuda` (routing with :mod:`dhsa_export.algo.routing` on the GPU + the kernel).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ...algo.layout import Selection, fixed_offsets
+from ...algo.routing import route
+from ...config import DHSAConfig
+from ...errors import DHSAError
+from . import library
+
+_DTYPES = {torch.float16: library.DTYPE_FP16, torch.bfloat16: library.DTYPE_BF16}
+
+
+def _variant() -> int:
+    name = os.environ.get("DHSA_CUDA_VARIANT", "auto").lower()
+    if name not in library.VARIANTS:
+        raise DHSAError(f"DHSA_CUDA_VARIANT={name!r} unknown; use one of {', '.join(library.VARIANTS)}")
+    return library.VARIANTS[name]
+
+
+def _check_inputs(q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_cuda:
+            raise DHSAError(f"{name} is on {t.device}; the CUDA kernel needs CUDA tensors")
+        if t.dim() != 4:
+            raise DHSAError(f"{name} has shape {tuple(t.shape)}; expected [B, H, L, D]")
+        if t.dtype not in _DTYPES:
+            raise DHSAError(f"{name} has dtype {t.dtype}; the CUDA kernel takes float16 or bfloat16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise DHSAError(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
+    if not (q.device == k.device == v.device == block_index.device == block_count.device):
+        raise DHSAError("q, k, v, block_index and block_count must be on the same CUDA device")
+    b, hq, lq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise DHSAError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if block_index.dim() != 4 or block_index.dtype != torch.int32:
+        raise DHSAError(f"block_index must be int32 [B, Hr, nQ, K], got {block_index.dtype} {tuple(block_index.shape)}")
+    n_q = math.ceil(lq / q_block)
+    if block_index.shape[0] != b or block_index.shape[2] != n_q:
+        raise DHSAError(
+            f"block_index {tuple(block_index.shape)} does not match B={b}, nQ=ceil({lq}/{q_block})={n_q}"
+        )
+    if block_count.dtype != torch.int32 or tuple(block_count.shape) != tuple(block_index.shape[:3]):
+        raise DHSAError(
+            f"block_count must be int32 {tuple(block_index.shape[:3])}, got {block_count.dtype} "
+            f"{tuple(block_count.shape)}"
+        )
+    if key_chunk_offsets is not None:
+        if key_chunk_offsets.dtype != torch.int32 or key_chunk_offsets.dim() != 2 or key_chunk_offsets.shape[0] != b:
+            raise DHSAError(
+                f"key_chunk_offsets must be int32 [B, nC + 1], got {key_chunk_offsets.dtype} "
+                f"{tuple(key_chunk_offsets.shape)}"
+            )
+        if key_chunk_offsets.device != q.device:
+            raise DHSAError("key_chunk_offsets must be on the same CUDA device as q")
+
+
+def launch(q, k, v, block_index, block_count, key_chunk_offsets=None, q_block=128, k_block=32,
+           scale=None, causal=True, variant=None, out=None):
+    """Run the kernel (asynchronously, on the current stream). Returns ``(out, workspace)``.
+
+    The workspace's first int32 is the device error flag; :func:`raise_on_error_flag` reads it.
+    ``out`` (optional, contiguous, like ``q``) receives the result; tests pass a poisoned one.
+    """
+    _check_inputs(q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block)
+    lib = library.load_library()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    block_index, block_count = block_index.contiguous(), block_count.contiguous()
+    if key_chunk_offsets is not None:
+        key_chunk_offsets = key_chunk_offsets.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise DHSAError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+    b, hq, lq, d = q.shape
+    params = library.DhsaBsaParams(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        block_index=block_index.data_ptr(), block_count=block_count.data_ptr(),
+        key_chunk_offsets=key_chunk_offsets.data_ptr() if key_chunk_offsets is not None else None,
+        batch=b, num_q_heads=hq, num_kv_heads=k.shape[1], num_route_heads=block_index.shape[1],
+        q_len=lq, k_len=k.shape[2], head_dim=d, index_width=block_index.shape[3],
+        num_chunks=(key_chunk_offsets.shape[1] - 1) if key_chunk_offsets is not None else 0,
+        q_block=q_block, k_block=k_block,
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(d),
+        causal=int(bool(causal)), dtype=_DTYPES[q.dtype],
+        variant=_variant() if variant is None else int(variant),
+    )
+    nbytes = library.workspace_size(lib, params)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        library.forward(lib, params, workspace.data_ptr(), nbytes, stream)
+    return out, workspace
+
+
+def raise_on_error_flag(workspace: torch.Tensor) -> None:
+    """Synchronize the current stream and raise :class:`DHSAError` if the kernel flagged bad indices."""
+    lib = library.load_library()
+    with torch.cuda.device(workspace.device):
+        library.read_error_flag(lib, workspace.data_ptr(), torch.cuda.current_stream(workspace.device).cuda_stream)
+
+
+@torch.library.custom_op("dhsa::block_sparse_attention", mutates_args=())
+def block_sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    key_chunk_offsets: Optional[torch.Tensor] = None,
+    q_block: int = 128,
+    k_block: int = 32,
+    scale: float = 0.0,
+    causal: bool = True,
+    check: bool = True,
+) -> torch.Tensor:
+    """``dhsa::BlockSparseAttention`` on CUDA. ``scale`` 0 means ``1/sqrt(D)``; with ``check`` the
+    call synchronizes and raises on bad indices (without it, bad rows silently give zeros)."""
+    out, workspace = launch(q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block,
+                            scale if scale > 0 else None, causal)
+    if check:
+        raise_on_error_flag(workspace)
+    return out
+
+
+@block_sparse_attention_op.register_fake
+def _(q, k, v, block_index, block_count, key_chunk_offsets=None, q_block=128, k_block=32, scale=0.0,
+      causal=True, check=True):
+    return torch.empty_like(q)
+
+
+def block_sparse_attention_cuda(q, k, v, block_index, block_count, key_chunk_offsets=None, *,
+                                q_block=128, k_block=32, scale=None, causal=True, check=True):
+    """``q [B, Hq, Lq, D]``, ``k/v [B, Hkv, Lk, D]`` + the op contract's indices -> ``[B, Hq, Lq, D]``."""
+    return torch.ops.dhsa.block_sparse_attention(
+        q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block,
+        float(scale) if scale is not None else 0.0, causal, check,
+    )
+
+
+def selections_to_indices(selections: list[Selection], variable: bool):
+    """Stack per-sequence selections into the op's ``block_index [B, Hr, nQ, K]`` (padded -1),
+    ``block_count [B, Hr, nQ]`` and, when ``variable``, ``key_chunk_offsets [B, nC + 1]``."""
+    pairs = [s.to_block_index() for s in selections]
+    width = max(index.shape[-1] for index, _ in pairs)
+    index = torch.stack([
+        torch.nn.functional.pad(i, (0, width - i.shape[-1]), value=-1) for i, _ in pairs
+    ])
+    count = torch.stack([c for _, c in pairs])
+    offsets = None
+    if variable:
+        n_chunks = max(s.grid.num_chunks for s in selections)
+        rows = []
+        for s in selections:
+            off = s.grid.chunk_offsets.to(torch.int32)
+            rows.append(torch.nn.functional.pad(off, (0, n_chunks - s.grid.num_chunks), value=int(off[-1])))
+        offsets = torch.stack(rows)
+    return index.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), offsets
+
+
+def route_batch(q, k, cfg: DHSAConfig, chunk_offsets=None) -> tuple[list[Selection], bool]:
+    """Route every sequence of ``q [B, Hq, Lq, D]`` / ``k [B, Hkv, Lk, D]`` on its own device."""
+    selections = []
+    for b in range(q.shape[0]):
+        offsets = chunk_offsets[b] if chunk_offsets is not None else None
+        selections.append(route(q[b], k[b], cfg, offsets))
+    fixed = fixed_offsets(k.shape[2], cfg.k_block, q.device)
+    variable = any(
+        s.grid.chunk_offsets.shape != fixed.shape or not torch.equal(s.grid.chunk_offsets, fixed)
+        for s in selections
+    )
+    return selections, variable
+
+
+def dhsa_attention_cuda(q, k, v, cfg: DHSAConfig, scale=None, chunk_offsets=None, stats=None,
+                        return_selections=False):
+    """DHSA prefill on CUDA for ``[B, H, L, D]`` batches without padding: routing (torch, on the
+    GPU) + the block-sparse kernel. A single query (decode) is dense, as in the reference."""
+    if q.shape[-2] == 1:
+        from ...algo.attention import dense_attention
+
+        out = dense_attention(q, k, v, scale)
+        return (out, []) if return_selections else out
+    selections, variable = route_batch(q, k, cfg, chunk_offsets)
+    if stats is not None:
+        for s in selections:
+            stats.add(s, cfg.effective_pattern(k.shape[2]))
+    index, count, offsets = selections_to_indices(selections, variable)
+    out = block_sparse_attention_cuda(q, k, v, index, count, offsets, q_block=cfg.q_block,
+                                      k_block=cfg.k_block, scale=scale, causal=True)
+    return (out, selections) if return_selections else out

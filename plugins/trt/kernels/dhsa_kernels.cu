@@ -1,0 +1,287 @@
+// C ABI of the DHSA CUDA kernels: host-side validation, workspace layout, launches.
+// No exception leaves this file; every entry point returns a DHSA_STATUS_* code.
+
+#include "dhsa_kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+
+#include "block_sparse_attention.cuh"
+
+namespace {
+
+thread_local char g_last_error[512] = "";
+
+int fail(int status, const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(g_last_error, sizeof(g_last_error), fmt, args);
+    va_end(args);
+    return status;
+}
+
+int ok() {
+    g_last_error[0] = '\0';
+    return DHSA_STATUS_OK;
+}
+
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+struct Layout {
+    size_t flag = 0, counts = 0, stream_off = 0, chunk_start = 0, total = 0;
+};
+
+Layout workspace_layout(const DhsaBsaParams& p, int nq) {
+    Layout l;
+    const size_t rows = (size_t)p.batch * p.num_route_heads * nq;
+    l.flag = 0;
+    l.counts = align_up(sizeof(int32_t));
+    size_t end = l.counts + align_up(rows * sizeof(int32_t));
+    if (p.key_chunk_offsets != nullptr) {
+        l.stream_off = end;
+        end += align_up(rows * ((size_t)p.index_width + 1) * sizeof(int32_t));
+        l.chunk_start = end;
+        end += align_up(rows * ((size_t)p.index_width > 0 ? p.index_width : 1) * sizeof(int32_t));
+    }
+    l.total = end;
+    return l;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+int validate(const DhsaBsaParams* p) {
+    if (p == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "params is NULL");
+    if (!p->q || !p->k || !p->v || !p->out || !p->block_index || !p->block_count)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "a required pointer is NULL (q=%p k=%p v=%p out=%p block_index=%p "
+                    "block_count=%p)",
+                    p->q, p->k, p->v, p->out, (const void*)p->block_index,
+                    (const void*)p->block_count);
+    if (p->batch < 1 || p->num_q_heads < 1 || p->num_kv_heads < 1 || p->num_route_heads < 1 ||
+        p->q_len < 1 || p->k_len < 1 || p->index_width < 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "bad sizes: batch=%d Hq=%d Hkv=%d Hr=%d Lq=%d Lk=%d K=%d (all >= 1, K >= 0)",
+                    p->batch, p->num_q_heads, p->num_kv_heads, p->num_route_heads, p->q_len,
+                    p->k_len, p->index_width);
+    if (p->head_dim != 64 && p->head_dim != 128)
+        return fail(DHSA_STATUS_UNSUPPORTED, "head_dim %d is not supported; use 64 or 128",
+                    p->head_dim);
+    if (p->dtype != DHSA_DTYPE_FP16 && p->dtype != DHSA_DTYPE_BF16)
+        return fail(DHSA_STATUS_UNSUPPORTED, "dtype %d is not supported; use fp16 (0) or bf16 (1)",
+                    p->dtype);
+    if (p->num_q_heads % p->num_kv_heads != 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "Hq=%d is not a multiple of Hkv=%d",
+                    p->num_q_heads, p->num_kv_heads);
+    if (p->num_q_heads % p->num_route_heads != 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "Hq=%d is not a multiple of Hr=%d",
+                    p->num_q_heads, p->num_route_heads);
+    const int hg = p->num_q_heads / p->num_route_heads;
+    const int ratio = p->num_q_heads / p->num_kv_heads;
+    if (ratio % hg != 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "head_group %d (Hq=%d / Hr=%d) does not divide the GQA ratio %d: a routing "
+                    "head must not span KV heads",
+                    hg, p->num_q_heads, p->num_route_heads, ratio);
+    if (hg > 64)
+        return fail(DHSA_STATUS_UNSUPPORTED, "head_group %d is larger than 64", hg);
+    if (p->q_block < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "q_block %d must be >= 1", p->q_block);
+    if (p->key_chunk_offsets == nullptr && p->k_block < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "k_block %d must be >= 1", p->k_block);
+    if (p->key_chunk_offsets != nullptr && p->num_chunks < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "num_chunks %d must be >= 1 with key_chunk_offsets", p->num_chunks);
+    if (!(p->scale > 0.f) || !std::isfinite(p->scale))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "scale %g must be finite and > 0",
+                    (double)p->scale);
+    if (p->causal != 0 && p->causal != 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "causal %d must be 0 or 1", p->causal);
+    if (!aligned16(p->q) || !aligned16(p->k) || !aligned16(p->v) || !aligned16(p->out))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "q, k, v and out must be 16-byte aligned (q=%p k=%p v=%p out=%p)", p->q, p->k,
+                    p->v, p->out);
+    const long long nq = ((long long)p->q_len + p->q_block - 1) / p->q_block;
+    const long long elems_q = (long long)p->batch * p->num_q_heads * p->q_len * p->head_dim;
+    const long long elems_k = (long long)p->batch * p->num_kv_heads * p->k_len * p->head_dim;
+    const long long rows = (long long)p->batch * p->num_route_heads * nq;
+    if (elems_q >= (1ll << 40) || elems_k >= (1ll << 40) || rows * ((long long)p->index_width + 1) >=
+                                                               (1ll << 31))
+        return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
+                    elems_k);
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_M256)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
+    return DHSA_STATUS_OK;
+}
+
+template <typename T, int D, int WARPS, int MT>
+int launch_attention(const dhsa::BsaArgs& args, cudaStream_t stream) {
+    using C = dhsa::BsaConfig<D, WARPS, MT>;
+    auto kernel = args.key_chunk_offsets != nullptr ? dhsa::bsa_fwd_kernel<T, D, WARPS, MT, true>
+                                                    : dhsa::bsa_fwd_kernel<T, D, WARPS, MT, false>;
+    cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "cudaFuncSetAttribute(%d bytes of shared memory): %s",
+                    C::kSmemBytes, cudaGetErrorString(e));
+    dhsa::BsaArgs a = args;
+    a.pos_per_tile = C::BM / a.head_group;
+    if (a.pos_per_tile > a.q_block) a.pos_per_tile = a.q_block;
+    a.tiles_per_qblock = (a.q_block + a.pos_per_tile - 1) / a.pos_per_tile;
+    const long long gx = (long long)a.nq * a.tiles_per_qblock;
+    if (gx > 0x7fffffffll || a.hr > 65535 || a.batch > 65535)
+        return fail(DHSA_STATUS_UNSUPPORTED, "grid too large (%lld x %d x %d)", gx, a.hr, a.batch);
+    dim3 grid((unsigned)gx, (unsigned)a.hr, (unsigned)a.batch);
+    kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(a);
+    e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u x %u x %u): %s",
+                    grid.x, grid.y, grid.z, cudaGetErrorString(e));
+    return DHSA_STATUS_OK;
+}
+
+template <typename T>
+int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t stream) {
+    if (variant == DHSA_VARIANT_AUTO) {
+        // 4 warps x 32 rows (128 rows per CTA) was fastest on an H200 from 8K tokens on
+        // (docs/GPU_NOTES.md); with fewer than 128 rows per query block (head_group * q_block),
+        // the 64-row tile wastes fewer rows.
+        variant = (long long)a.head_group * a.q_block >= 128 ? DHSA_VARIANT_M128_W4
+                                                            : DHSA_VARIANT_M64;
+    }
+    switch (variant) {
+        case DHSA_VARIANT_M128:
+            return head_dim == 64 ? launch_attention<T, 64, 8, 1>(a, stream)
+                                  : launch_attention<T, 128, 8, 1>(a, stream);
+        case DHSA_VARIANT_M256:
+            return head_dim == 64 ? launch_attention<T, 64, 8, 2>(a, stream)
+                                  : launch_attention<T, 128, 8, 2>(a, stream);
+        case DHSA_VARIANT_M128_W4:
+            return head_dim == 64 ? launch_attention<T, 64, 4, 2>(a, stream)
+                                  : launch_attention<T, 128, 4, 2>(a, stream);
+        default:
+            return head_dim == 64 ? launch_attention<T, 64, 4, 1>(a, stream)
+                                  : launch_attention<T, 128, 4, 1>(a, stream);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int dhsa_abi_version(void) { return DHSA_ABI_VERSION; }
+
+const char* dhsa_status_string(int status) {
+    switch (status) {
+        case DHSA_STATUS_OK: return "ok";
+        case DHSA_STATUS_INVALID_ARGUMENT: return "invalid argument";
+        case DHSA_STATUS_UNSUPPORTED: return "unsupported";
+        case DHSA_STATUS_WORKSPACE: return "workspace too small";
+        case DHSA_STATUS_CUDA_ERROR: return "CUDA error";
+        case DHSA_STATUS_INDEX_ERROR: return "bad block index / count / chunk offsets";
+        default: return "unknown status";
+    }
+}
+
+const char* dhsa_last_error_message(void) { return g_last_error; }
+
+int dhsa_bsa_workspace_size(const DhsaBsaParams* params, size_t* bytes) {
+    if (bytes == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "bytes is NULL");
+    const int st = validate(params);
+    if (st != DHSA_STATUS_OK) return st;
+    const int nq = (params->q_len + params->q_block - 1) / params->q_block;
+    *bytes = workspace_layout(*params, nq).total;
+    return ok();
+}
+
+int dhsa_bsa_forward(const DhsaBsaParams* params, void* workspace, size_t workspace_bytes,
+                     cudaStream_t stream) {
+    const int st = validate(params);
+    if (st != DHSA_STATUS_OK) return st;
+    const DhsaBsaParams& p = *params;
+    const int nq = (p.q_len + p.q_block - 1) / p.q_block;
+    const Layout l = workspace_layout(p, nq);
+    if (workspace == nullptr || workspace_bytes < l.total)
+        return fail(DHSA_STATUS_WORKSPACE, "workspace %p of %zu bytes; %zu bytes needed",
+                    workspace, workspace_bytes, l.total);
+    if (!aligned16(workspace))
+        return fail(DHSA_STATUS_WORKSPACE, "workspace %p must be 16-byte aligned", workspace);
+
+    unsigned char* ws = static_cast<unsigned char*>(workspace);
+    dhsa::BsaArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.q = p.q;
+    a.k = p.k;
+    a.v = p.v;
+    a.out = p.out;
+    a.block_index = p.block_index;
+    a.block_count = p.block_count;
+    a.key_chunk_offsets = p.key_chunk_offsets;
+    a.flag = reinterpret_cast<int32_t*>(ws + l.flag);
+    a.counts = reinterpret_cast<int32_t*>(ws + l.counts);
+    a.stream_off = p.key_chunk_offsets ? reinterpret_cast<int32_t*>(ws + l.stream_off) : nullptr;
+    a.chunk_start = p.key_chunk_offsets ? reinterpret_cast<int32_t*>(ws + l.chunk_start) : nullptr;
+    a.batch = p.batch;
+    a.hq = p.num_q_heads;
+    a.hkv = p.num_kv_heads;
+    a.hr = p.num_route_heads;
+    a.lq = p.q_len;
+    a.lk = p.k_len;
+    a.width = p.index_width;
+    a.nq = nq;
+    a.q_block = p.q_block;
+    a.k_block = p.key_chunk_offsets ? 1 : p.k_block;
+    a.nc = p.key_chunk_offsets ? p.num_chunks : (p.k_len + p.k_block - 1) / p.k_block;
+    a.head_group = p.num_q_heads / p.num_route_heads;
+    a.kv_ratio = p.num_q_heads / p.num_kv_heads;
+    a.scale_log2 = p.scale * 1.4426950408889634f;
+    a.causal = p.causal;
+
+    cudaError_t e = cudaMemsetAsync(a.flag, 0, sizeof(int32_t), stream);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "clearing the error flag: %s", cudaGetErrorString(e));
+
+    const long long rows = (long long)p.batch * p.num_route_heads * nq;
+    const int warps_per_block = 4;
+    const long long blocks = (rows + warps_per_block - 1) / warps_per_block;
+    if (blocks > 0x7fffffffll)
+        return fail(DHSA_STATUS_UNSUPPORTED, "too many index rows (%lld)", rows);
+    dhsa::bsa_plan_kernel<<<(unsigned)blocks, warps_per_block * 32, 0, stream>>>(a);
+    e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "index validation kernel launch: %s",
+                    cudaGetErrorString(e));
+
+    const int rc = p.dtype == DHSA_DTYPE_BF16
+                       ? dispatch<__nv_bfloat16>(a, p.head_dim, p.variant, stream)
+                       : dispatch<__half>(a, p.head_dim, p.variant, stream);
+    if (rc != DHSA_STATUS_OK) return rc;
+    return ok();
+}
+
+int dhsa_bsa_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag) {
+    if (workspace == nullptr) return fail(DHSA_STATUS_WORKSPACE, "workspace is NULL");
+    int32_t host = 0;
+    cudaError_t e = cudaMemcpyAsync(&host, workspace, sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                    stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "reading the error flag: %s", cudaGetErrorString(e));
+    if (flag) *flag = host;
+    if (host != 0)
+        return fail(DHSA_STATUS_INDEX_ERROR,
+                    "the kernel rejected its indices (flag 0x%x:%s%s%s%s); the affected rows were "
+                    "not computed",
+                    host, (host & DHSA_FLAG_BAD_COUNT) ? " block_count outside [0, K]" : "",
+                    (host & DHSA_FLAG_BAD_INDEX) ? " block index outside [0, nC)" : "",
+                    (host & DHSA_FLAG_NOT_ASCENDING) ? " block indices not strictly ascending" : "",
+                    (host & DHSA_FLAG_BAD_CHUNK_OFFSETS) ? " bad key_chunk_offsets" : "");
+    return ok();
+}
+
+}  // extern "C"

@@ -1,0 +1,122 @@
+/*
+ * dhsa_kernels.h - C ABI of the DHSA CUDA kernels (no TensorRT, no PyTorch).
+ *
+ * One set of functions serves every caller: the TensorRT plugin (IPluginV3 enqueue) and Python
+ * (ctypes, dhsa_export/backends/torch_cuda). No C++ exception crosses this boundary: every function
+ * returns an int status (DHSA_STATUS_*); dhsa_last_error_message() says what failed, with the values.
+ *
+ * Op: dhsa::BlockSparseAttention (DESIGN.md section 4)
+ *   q   [B, Hq,  Lq, D]   contiguous, fp16 or bf16
+ *   k   [B, Hkv, Lk, D]   contiguous, same dtype
+ *   v   [B, Hkv, Lk, D]   contiguous, same dtype (Dv == D)
+ *   block_index int32 [B, Hr, nQ, K]   ascending chunk ids, padded (entries >= count are ignored)
+ *   block_count int32 [B, Hr, nQ]
+ *   key_chunk_offsets int32 [B, nC + 1]  optional: variable chunks [off[c], off[c+1]); without it
+ *                                        chunk c is keys [c*k_block, min((c+1)*k_block, Lk)).
+ *   out [B, Hq, Lq, D]
+ * nQ = ceil(Lq / q_block); query head h uses routing head h / (Hq / Hr); query t sits at key position
+ * Lk - Lq + t; with causal, key position > query position is masked token by token. Rows with no key
+ * produce zeros.
+ *
+ * Indices are validated on the device: a count outside [0, K], a chunk id outside [0, nC), a list
+ * that is not strictly ascending, or chunk offsets that are not within [0, Lk] and non-overlapping
+ * set bits of an error flag held in the workspace (DHSA_FLAG_*); the offending row is then computed
+ * as if empty (zeros), nothing is read out of bounds. The flag is read with dhsa_bsa_read_error_flag
+ * (synchronizes the stream) or by copying the first int32 of the workspace.
+ */
+#ifndef DHSA_KERNELS_H
+#define DHSA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#if defined(__GNUC__)
+#define DHSA_API __attribute__((visibility("default")))
+#else
+#define DHSA_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DHSA_ABI_VERSION 1
+
+/* Status codes returned by every function. */
+#define DHSA_STATUS_OK 0
+#define DHSA_STATUS_INVALID_ARGUMENT 1 /* null pointer, bad shape, misaligned pointer, ... */
+#define DHSA_STATUS_UNSUPPORTED 2      /* valid but not implemented (head_dim, dtype, group) */
+#define DHSA_STATUS_WORKSPACE 3        /* workspace missing or too small */
+#define DHSA_STATUS_CUDA_ERROR 4       /* a CUDA call failed (launch, memset, copy) */
+#define DHSA_STATUS_INDEX_ERROR 5      /* dhsa_bsa_read_error_flag: the device flagged bad indices */
+
+/* Bits of the device error flag. */
+#define DHSA_FLAG_BAD_COUNT 1         /* block_count outside [0, K] */
+#define DHSA_FLAG_BAD_INDEX 2         /* chunk id outside [0, nC) */
+#define DHSA_FLAG_NOT_ASCENDING 4     /* chunk ids not strictly ascending */
+#define DHSA_FLAG_BAD_CHUNK_OFFSETS 8 /* chunk offsets outside [0, Lk], decreasing or overlapping */
+
+/* Element types. */
+#define DHSA_DTYPE_FP16 0
+#define DHSA_DTYPE_BF16 1
+
+/* Kernel variants (tile shapes); 0 picks one from the shape. */
+#define DHSA_VARIANT_AUTO 0
+#define DHSA_VARIANT_M64 1  /* 4 warps, 64 query rows per CTA */
+#define DHSA_VARIANT_M128 2 /* 8 warps, 128 query rows per CTA */
+#define DHSA_VARIANT_M128_W4 3 /* 4 warps x 32 rows, 128 query rows per CTA */
+#define DHSA_VARIANT_M256 4 /* 8 warps x 32 rows, 256 query rows per CTA */
+
+typedef struct DhsaBsaParams {
+    const void* q;                    /* [B, Hq, Lq, D] */
+    const void* k;                    /* [B, Hkv, Lk, D] */
+    const void* v;                    /* [B, Hkv, Lk, D] */
+    void* out;                        /* [B, Hq, Lq, D] */
+    const int32_t* block_index;       /* [B, Hr, nQ, K] */
+    const int32_t* block_count;       /* [B, Hr, nQ] */
+    const int32_t* key_chunk_offsets; /* [B, nC + 1] or NULL (fixed k_block chunks) */
+    int32_t batch;
+    int32_t num_q_heads;     /* Hq */
+    int32_t num_kv_heads;    /* Hkv */
+    int32_t num_route_heads; /* Hr; head_group = Hq / Hr must divide Hq / Hkv */
+    int32_t q_len;           /* Lq */
+    int32_t k_len;           /* Lk */
+    int32_t head_dim;        /* D: 64 or 128 */
+    int32_t index_width;     /* K */
+    int32_t num_chunks;      /* nC: with key_chunk_offsets, its row length - 1; else ignored */
+    int32_t q_block;
+    int32_t k_block;         /* fixed chunk length (ignored with key_chunk_offsets) */
+    float scale;             /* softmax scale, e.g. 1/sqrt(D) */
+    int32_t causal;          /* 0 or 1 */
+    int32_t dtype;           /* DHSA_DTYPE_* */
+    int32_t variant;         /* DHSA_VARIANT_* */
+} DhsaBsaParams;
+
+/* ABI version of the loaded library (DHSA_ABI_VERSION of the build). */
+DHSA_API int dhsa_abi_version(void);
+
+/* Human-readable name of a status code. */
+DHSA_API const char* dhsa_status_string(int status);
+
+/* Message of the last failing call on this host thread ("" if none). */
+DHSA_API const char* dhsa_last_error_message(void);
+
+/* Bytes of device workspace dhsa_bsa_forward needs for these parameters (shapes only). */
+DHSA_API int dhsa_bsa_workspace_size(const DhsaBsaParams* params, size_t* bytes);
+
+/* Validate the parameters (host side), clear the error flag, validate the indices and run the
+ * attention on `stream`. Asynchronous: index errors are reported through the workspace flag. */
+DHSA_API int dhsa_bsa_forward(const DhsaBsaParams* params, void* workspace, size_t workspace_bytes,
+                     cudaStream_t stream);
+
+/* Copy the error flag out of the workspace and synchronize `stream`. Returns DHSA_STATUS_OK when
+ * the flag is 0, DHSA_STATUS_INDEX_ERROR (flag bits in *flag) otherwise. `flag` may be NULL. */
+DHSA_API int dhsa_bsa_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DHSA_KERNELS_H */
