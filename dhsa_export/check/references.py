@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..algo.attention import block_sparse_attention
-from ..algo.layout import BlockGrid, Selection, fixed_offsets
+from ..algo.attention import block_sparse_attention, dense_attention
+from ..algo.layout import BlockGrid, Selection, chunk_id_per_token, fixed_offsets
 from ..algo.routing import route
 from ..onnx.registry import BLOCK_SPARSE_ATTENTION, ROUTE, config_from_route_attributes
 
@@ -28,6 +28,7 @@ def reference_route(query, key, key_chunk_offsets=None, **attrs) -> tuple[np.nda
     """``dhsa::Route``: block_index ``[B, Hr, nQ, nC]`` (-1 padded) and block_count ``[B, Hr, nQ]``."""
     q = torch.as_tensor(np.asarray(query, dtype=np.float32))
     k = torch.as_tensor(np.asarray(key, dtype=np.float32))
+    _check_lengths(q.shape[2], k.shape[2])
     cfg = config_from_route_attributes(attrs, q.shape[1], k.shape[1])
     indices, counts = [], []
     for b in range(q.shape[0]):
@@ -53,9 +54,11 @@ def reference_block_sparse_attention(query, key, value, block_index, block_count
     q = torch.as_tensor(np.asarray(query, dtype=np.float32))
     k = torch.as_tensor(np.asarray(key, dtype=np.float32))
     v = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    _check_lengths(q.shape[2], k.shape[2])
     index = np.asarray(block_index)
     count = np.asarray(block_count)
     scale = float(values["scale"]) or None
+    causal = bool(int(values["causal"]))
     out = []
     for b in range(q.shape[0]):
         offsets = _offsets(key_chunk_offsets, b, k.shape[2], int(values["k_block"]))
@@ -64,8 +67,27 @@ def reference_block_sparse_attention(query, key, value, block_index, block_count
         if mask.shape[1] != grid.num_q_blocks:
             raise ValueError(f"block_index has {mask.shape[1]} query blocks, expected {grid.num_q_blocks}")
         selection = Selection(grid, mask, q.shape[1] // mask.shape[0])
-        out.append(block_sparse_attention(q[b], k[b], v[b], selection, scale))
+        if causal:
+            out.append(block_sparse_attention(q[b], k[b], v[b], selection, scale))
+        else:
+            out.append(dense_attention(q[b], k[b], v[b], scale, attention_mask=selection_token_mask(selection)))
     return torch.stack(out).numpy()
+
+
+def selection_token_mask(selection: Selection) -> torch.Tensor:
+    """``[Hq, Lq, Lk]`` mask of the selected chunks without the causal rule (``causal=0``)."""
+    grid = selection.grid
+    key_chunk = chunk_id_per_token(grid.chunk_offsets)
+    q_len = int(grid.q_offsets[-1])
+    q_block_of = torch.searchsorted(grid.q_offsets[1:], torch.arange(q_len), right=True)
+    routed = selection.mask[:, q_block_of][:, :, key_chunk]
+    return routed.repeat_interleave(selection.head_group, dim=0)
+
+
+def _check_lengths(query_length: int, key_length: int) -> None:
+    """Queries sit at the end of the keys, so there can be no more queries than keys."""
+    if query_length > key_length:
+        raise ValueError(f"query length {query_length} exceeds key length {key_length}")
 
 
 def selection_mask(index: np.ndarray, count: np.ndarray, num_chunks: int) -> torch.Tensor:
