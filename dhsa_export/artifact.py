@@ -95,6 +95,7 @@ def staged_folder(target: Path, force: bool = False) -> Iterator[Path]:
         raise DHSAError(f"output folder {str(target)!r} exists and is not empty; pass --force or another -o")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     try:
         yield staging
         if target.exists():

@@ -67,8 +67,8 @@ def _torch_runner_class():
             start = time.perf_counter()
             with torch.no_grad():
                 outputs = self.wrapper(ids)
-            elapsed = time.perf_counter() - start
-            return OrderedDict((n, o.numpy()) for n, o in zip(self._output_names, outputs)), elapsed
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((n, o.numpy()) for n, o in zip(self._output_names, outputs))
 
     return TorchReferenceRunner
 
@@ -94,6 +94,9 @@ def check_artifact(folder: str | Path, lengths=DEFAULT_LENGTHS, json_path: str |
     """Compare ONNX Runtime against the PyTorch reference on generated prompts."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # our own report is printed instead of per-run dumps
 
     from ..backends.ort_cpu.generate import session_with_library
     from ..hf.models import load_model

@@ -14,8 +14,11 @@ function runs the PyTorch reference, so the wrapper modules double as the refere
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,13 +156,28 @@ class DecodeGraph(torch.nn.Module):
         return (logits, *[t for pair in self.state.present for t in pair])
 
 
+@contextmanager
+def quiet_exporter():
+    """The exporter logs registry warnings (e.g. torchvision ops) and deprecations users can't act on."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_prefill(model, cfg: DHSAConfig, path: Path, sample_length: int = 300) -> Path:
     """Trace the DHSA prefill graph to ``path`` (external data written beside it)."""
     state = install_export_attention(model, cfg)
     wrapper = PrefillGraph(model, state).eval()
     sample = torch.randint(0, model.config.vocab_size, (1, sample_length))
     layers = num_layers(model)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             wrapper, (sample,), dynamo=True, opset_version=OPSET, optimize=True,
             input_names=["input_ids"], output_names=["logits", *kv_names(layers, "present")],
@@ -179,7 +197,7 @@ def export_decode(model, cfg: DHSAConfig, path: Path, past_length: int = 40) -> 
     past = [torch.randn(1, config.num_key_value_heads, past_length, head_dim) for _ in range(2 * layers)]
     ids = torch.randint(0, config.vocab_size, (1, 1))
     past_dims = {2: "past_sequence"}
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             wrapper, (ids, tuple(past)), dynamo=True, opset_version=OPSET, optimize=True,
             input_names=["input_ids", *kv_names(layers, "past_key_values")],
