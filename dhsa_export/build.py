@@ -50,6 +50,9 @@ def validate(options: BuildOptions) -> None:
                 f"int4 block size {options.int4_block_size} is not supported; use one of "
                 f"{', '.join(map(str, SUPPORTED_BLOCK_SIZES))}"
             )
+    from .hf.models import validate_model_spec
+
+    validate_model_spec(options.model_spec)
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise DHSAError(f"output path {str(out)!r} is a file; pass a folder with -o")

@@ -51,6 +51,26 @@ def cache_root() -> Path:
     return Path(base) / "dhsa-export"
 
 
+def validate_model_spec(spec: str | None) -> None:
+    """Cheap checks of a ``--model`` value (no loading), so commands fail before any work."""
+    spec = spec or DEFAULT_MODEL
+    if spec.endswith(":random"):
+        if spec[: -len(":random")] not in recipe_names():
+            raise DHSAError(
+                f"unknown model {spec!r}; ':random' works with {', '.join(recipe_names())}"
+            )
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise DHSAError(f"GGUF file {spec!r} does not exist; pass an existing .gguf path")
+    if path.suffix == ".gguf" or path.is_dir() or spec in recipe_names():
+        return
+    raise DHSAError(
+        f"unknown model {spec!r}; pass a recipe ({', '.join(recipe_names())}, optionally with "
+        "':random'), a local Hugging Face folder or a .gguf file"
+    )
+
+
 def load_model(spec: str | None = None, *, layers: int | None = None, dtype: str = "float32") -> LoadedModel:
     """Resolve ``spec`` (see module doc) and load model + tokenizer, offline."""
     spec = spec or DEFAULT_MODEL
