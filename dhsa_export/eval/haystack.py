@@ -185,7 +185,7 @@ def build_prompt(tokenizer, haystack_text: str, task: NeedleTask, context_length
             f"needle, question and answer prefix alone take {best['prompt_tokens']} tokens; pass a "
             f"context length of at least {best['prompt_tokens']} (a useful haystack needs far more)"
         )
-    best["overhead_tokens"] = overhead = best["prompt_tokens"]
+    overhead = best["prompt_tokens"]
     # Largest haystack prefix n whose prompt fits: secant steps on the token excess, bisection
     # as the fallback; [lo] always fits, [hi] is known (or assumed, past the end) not to.
     lo, hi = 0, min(source.num_tokens - 1, context_length) + 1

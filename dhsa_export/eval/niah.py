@@ -23,8 +23,19 @@ from ..config import DHSAConfig
 from ..errors import DHSAError
 from ..hf.generate import ATTENTION_MODES, check_fits, generate, set_attention
 from ..hf.models import LoadedModel
-from .haystack import NeedleTask, build_prompt, default_haystack_text, load_haystack_text, score_response
+from .haystack import (
+    PAPER_NEEDLE,
+    NeedleTask,
+    build_prompt,
+    default_haystack_text,
+    load_haystack_text,
+    magic_number_task,
+    score_response,
+)
 from .plot import plot_niah_heatmap
+
+# The task objects are re-exported: callers (the CLI) import them from here with run_niah.
+__all__ = ["PAPER_NEEDLE", "NeedleTask", "magic_number_task", "run_niah"]
 
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "heatmap.png"
@@ -143,10 +154,18 @@ def _write_json(path: Path, data: dict) -> None:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(data, stream, indent=2)
             stream.write("\n")
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _file_mode() -> int:
+    """Mode of a newly created file under the current umask (mkstemp would leave 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _check_lengths(context_lengths) -> list[int]:

@@ -31,8 +31,7 @@ def plot_niah_heatmap(results: dict, path: str | Path) -> Path:
     for cell in cells:
         grid[depths.index(cell["depth"]), lengths.index(cell["context_length"])] = cell["score"]
 
-    cmap = LinearSegmentedColormap.from_list("niah", _COLORS)
-    cmap.set_bad("#d0d0d0")
+    cmap = LinearSegmentedColormap.from_list("niah", _COLORS).with_extremes(bad="#d0d0d0")
     fig = Figure(figsize=(max(4.5, 1.2 * len(lengths) + 3.0), max(3.2, 0.5 * len(depths) + 2.2)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -56,6 +55,9 @@ def plot_niah_heatmap(results: dict, path: str | Path) -> Path:
     try:
         with os.fdopen(handle, "wb") as stream:
             fig.savefig(stream, format="png", dpi=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
