@@ -294,6 +294,73 @@ def check(artifact, json_path, lengths, save_outputs) -> None:
         sys.exit(1)
 
 
+@main.group()
+def bench() -> None:
+    """Speed benchmarks against dense baselines in the same run (GPU: torch-cuda backend)."""
+
+
+def require_cuda(backend: str) -> None:
+    import torch
+
+    if backend != "torch-cuda":
+        raise DHSAError(f"bench backend {backend!r} is not supported; use --backend torch-cuda")
+    if not torch.cuda.is_available():
+        raise DHSAError("--backend torch-cuda needs a CUDA GPU and a CUDA build of torch; none is visible here")
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(data, indent=2))
+
+
+@bench.command(name="attention")
+@click.option("--backend", default="torch-cuda", show_default=True)
+@click.option("--shape", default="llama3.1-8b", show_default=True, help="Recipe whose head shape is used.")
+@click.option("--tokens", default="8192,32768,65536,131072", show_default=True)
+@click.option("--density", type=float, default=0.125, show_default=True)
+@click.option("--pattern", type=click.Choice(PATTERNS), default="vslash", show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--json", "json_path", default=None, metavar="FILE")
+@user_errors
+def bench_attention_command(backend, shape, tokens, density, pattern, repeats, json_path) -> None:
+    """One attention layer: DHSA routing + kernel vs SDPA causal and FlexAttention (same selection)."""
+    DHSAConfig(density=density, pattern=pattern)
+    lengths = parse_int_list(tokens, "tokens")
+    if repeats < 5:
+        raise DHSAError(f"--repeats {repeats} is below 5; medians need at least 5 timed runs")
+    require_cuda(backend)
+    from .bench.attention import bench_attention, markdown_table
+
+    result = bench_attention(lengths, shape=shape, density=density, pattern=pattern, repeats=repeats)
+    write_json(json_path, result)
+    click.echo(markdown_table(result["rows"]))
+
+
+@bench.command(name="prefill")
+@click.option("--backend", default="torch-cuda", show_default=True)
+@click.option("--model", "model_spec", default="llama3.1-8b:random", show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--tokens", default="32768,131072", show_default=True)
+@click.option("--density", type=float, default=0.125, show_default=True)
+@click.option("--pattern", type=click.Choice(PATTERNS), default="vslash", show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--json", "json_path", default=None, metavar="FILE")
+@user_errors
+def bench_prefill_command(backend, model_spec, layers, tokens, density, pattern, repeats, json_path) -> None:
+    """Whole-model prefill, dense vs DHSA (random weights of the recipe's exact shape)."""
+    DHSAConfig(density=density, pattern=pattern)
+    lengths = parse_int_list(tokens, "tokens")
+    require_cuda(backend)
+    from .bench.prefill import bench_prefill, markdown_table
+
+    result = bench_prefill(model=model_spec, layers=layers, tokens=lengths, density=density,
+                           pattern=pattern, repeats=repeats)
+    write_json(json_path, result)
+    click.echo(markdown_table(result["rows"]))
+
+
 @main.command()
 def models() -> None:
     """List the model recipes."""

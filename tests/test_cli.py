@@ -45,3 +45,13 @@ def test_prompt_over_context_is_rejected(default_model):
     result = run("generate", "--raw", "--prompt", "word " * 9000)
     assert result.exit_code == 2
     assert "exceeds the 8192-token context" in result.output
+
+
+@pytest.mark.parametrize("command", ["attention", "prefill"])
+def test_bench_without_gpu_says_so(command):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run("bench", command, "--tokens", "1024")
+    assert result.exit_code == 2 and "needs a CUDA GPU" in result.output
