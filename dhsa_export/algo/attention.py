@@ -17,8 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DHSAConfig
+from ..errors import DHSAError
 from .layout import Selection, chunk_id_per_token
 from .routing import expand_kv, route
+
+# Implementations of the sparse attention given a selection: the obvious reference below (any
+# device) and the CUDA block-sparse kernel (dhsa_export.backends.torch_cuda, CUDA fp16/bf16).
+BACKENDS = ("reference", "torch-cuda")
 
 
 def block_sparse_attention(
@@ -40,7 +45,7 @@ def block_sparse_attention(
     grid = selection.grid
     num_heads = q.shape[0]
     keys, values = expand_kv(k, num_heads), expand_kv(v, num_heads)
-    key_chunk = chunk_id_per_token(grid.chunk_offsets)
+    key_chunk = chunk_id_per_token(grid.chunk_offsets, k.shape[1])
     out = q.new_zeros(num_heads, q.shape[1], v.shape[-1])
     for block in range(grid.num_q_blocks):
         start, end = int(grid.q_offsets[block]), int(grid.q_offsets[block + 1])
@@ -84,20 +89,51 @@ def dense_attention(
 
 @dataclass
 class RoutingStats:
-    """Running account of what the sparse prefill computed (for reports)."""
+    """Running account of what the sparse prefill computed (for reports).
+
+    Fractions are kept as device tensors and read back in bulk (when read, or every
+    ``SETTLE_EVERY`` calls), so recording them does not stall a GPU stream on every layer.
+    """
+
+    SETTLE_EVERY = 256
 
     calls: int = 0
-    causal_block_fraction_sum: float = 0.0
     patterns: set = field(default_factory=set)
+    _settled_sum: float = field(default=0.0, repr=False)
+    _pending: list = field(default_factory=list, repr=False)
 
     def add(self, selection: Selection, pattern: str) -> None:
         self.calls += 1
-        self.causal_block_fraction_sum += selection.causal_block_fraction()
+        self._pending.append(selection.causal_block_fraction_tensor())
         self.patterns.add(pattern)
+        if len(self._pending) >= self.SETTLE_EVERY:
+            self._settle()
+
+    def _settle(self) -> None:
+        for fraction in self._pending:  # in call order: the same float sum as adding one by one
+            self._settled_sum += float(fraction)
+        self._pending.clear()
+
+    @property
+    def causal_block_fraction_sum(self) -> float:
+        self._settle()
+        return self._settled_sum
 
     @property
     def causal_block_fraction(self) -> float:
         return self.causal_block_fraction_sum / self.calls if self.calls else 1.0
+
+
+def sparse_attention_function(backend: str):
+    """The per-sequence sparse attention of ``backend``, with the signature of
+    :func:`block_sparse_attention` (``q, k, v, selection, scale, extra_mask``)."""
+    if backend == "reference":
+        return block_sparse_attention
+    if backend == "torch-cuda":
+        from ..backends.torch_cuda.ops import selection_attention_cuda
+
+        return selection_attention_cuda
+    raise DHSAError(f"unknown DHSA attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
 def dhsa_attention(
@@ -109,6 +145,7 @@ def dhsa_attention(
     attention_mask: torch.Tensor | None = None,
     chunk_offsets: list[torch.Tensor | None] | None = None,
     stats: RoutingStats | None = None,
+    backend: str = "reference",
 ) -> torch.Tensor:
     """DHSA for a batch: ``q [B, Hq, Lq, D]``, ``k/v [B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, Dv]``.
 
@@ -118,6 +155,8 @@ def dhsa_attention(
         chunk_offsets: per batch item, variable key chunks over that item's *real* keys (for
             ``dynamic``), or ``None`` for fixed blocks.
         stats: collects the achieved causal-block fraction.
+        backend: ``"reference"`` (any device) or ``"torch-cuda"`` (the CUDA kernel for the
+            sparse attention; routing is the same torch code on the same device either way).
 
     A single query (decode) is dense. Otherwise every sequence is routed on its real tokens:
     padded positions are dropped, the sparse attention runs, results are scattered back and
@@ -126,20 +165,22 @@ def dhsa_attention(
     if q.shape[-2] == 1:
         mask = None if attention_mask is None else attention_mask.bool()
         return dense_attention(q, k, v, scale, mask)
-    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    attend = sparse_attention_function(backend)
+    outputs = []
     for b in range(q.shape[0]):
         offsets = chunk_offsets[b] if chunk_offsets is not None else None
         mask_b = None if attention_mask is None else attention_mask[b].bool().any(dim=0)
-        out[b] = _sequence_attention(q[b], k[b], v[b], cfg, scale, mask_b, offsets, stats)
-    return out
+        outputs.append(_sequence_attention(q[b], k[b], v[b], cfg, scale, mask_b, offsets, stats, attend))
+    return outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)
 
 
-def _sequence_attention(q, k, v, cfg, scale, mask, chunk_offsets, stats) -> torch.Tensor:
+def _sequence_attention(q, k, v, cfg, scale, mask, chunk_offsets, stats,
+                        attend=block_sparse_attention) -> torch.Tensor:
     """One sequence; ``mask [Lq, Lk]`` (True = attend) or None for plain causal."""
     if mask is None:
         selection = route(q, k, cfg, chunk_offsets)
         _record(stats, selection, cfg, k.shape[1])
-        return block_sparse_attention(q, k, v, selection, scale)
+        return attend(q, k, v, selection, scale)
     query_rows = mask.any(dim=1).nonzero().squeeze(1)
     key_cols = mask.any(dim=0).nonzero().squeeze(1)
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
@@ -151,7 +192,7 @@ def _sequence_attention(q, k, v, cfg, scale, mask, chunk_offsets, stats) -> torc
     sub_mask = mask[query_rows][:, key_cols]
     selection = route(q_real, k_real, cfg, chunk_offsets)
     _record(stats, selection, cfg, k_real.shape[1])
-    out[:, query_rows] = block_sparse_attention(q_real, k_real, v_real, selection, scale, sub_mask)
+    out[:, query_rows] = attend(q_real, k_real, v_real, selection, scale, sub_mask)
     return out
 
 

@@ -33,6 +33,8 @@ def group_mean(x: torch.Tensor, head_group: int) -> torch.Tensor:
 
 def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Repeat KV heads ``[Hkv, ...]`` to ``num_heads`` heads (GQA)."""
+    if x.shape[0] == num_heads:
+        return x
     return x.repeat_interleave(num_heads // x.shape[0], dim=0)
 
 
@@ -40,7 +42,7 @@ def select_under_budget(
     score: torch.Tensor,
     causal: torch.Tensor,
     forced: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     budget: float,
     dense_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -50,17 +52,23 @@ def select_under_budget(
         score: ``[Hr, nQ, nC]`` ranking score (only its order among causal chunks matters).
         causal: ``[nQ, nC]`` chunks a row may see.
         forced: ``[Hr or 1, nQ, nC]`` chunks a row always attends (restricted to causal ones).
-        weights: ``[nC]`` cost of each chunk in budget units (1 per block, or tokens per chunk).
+        weights: ``[nC]`` cost of each chunk in budget units (tokens per chunk), or None for
+            1 per chunk (fixed blocks; saves a gather over the sorted order).
         budget: cost a row may spend, forced chunks included (forced ones are always taken).
         dense_rows: ``[nQ]`` rows that attend to every causal chunk.
+
+    Ties in score keep chunk order (stable sort), so every device picks the same chunks.
     """
     forced = (forced & causal).expand_as(score)
-    spent = (forced.float() * weights).sum(-1, keepdim=True)
+    spent = (forced.float() if weights is None else forced.float() * weights).sum(-1, keepdim=True)
     candidates = causal & ~forced
-    ranked = torch.where(candidates, score.float(), torch.full_like(score, -math.inf, dtype=torch.float))
+    ranked = score.float().masked_fill(~candidates, -math.inf)
     order = ranked.argsort(dim=-1, descending=True, stable=True)
-    sorted_weights = weights.float()[order] * candidates.gather(-1, order).float()
-    fits_sorted = (spent + sorted_weights.cumsum(-1) <= budget + 1e-6) & candidates.gather(-1, order)
+    candidate_sorted = candidates.gather(-1, order)
+    sorted_weights = candidate_sorted.float()
+    if weights is not None:
+        sorted_weights = weights.float()[order] * sorted_weights
+    fits_sorted = (spent + sorted_weights.cumsum(-1) <= budget + 1e-6) & candidate_sorted
     chosen = torch.zeros_like(candidates).scatter(-1, order, fits_sorted)
     mask = forced | chosen
     if dense_rows is not None:
@@ -75,20 +83,20 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, head_group: 
     With ``length_normalized`` the key representation is mean x sqrt(chunk length), the
     paper's correction for variable chunk sizes (a plain mean favours short chunks).
     """
-    q_means = segment_means(q, grid.q_offsets)
-    k_means = segment_means(k, grid.chunk_offsets)
+    q_means = segment_means(q, grid.q_offsets, grid.q_block)
+    k_means = segment_means(k, grid.chunk_offsets, grid.chunk_block)
     if length_normalized:
         k_means = k_means * chunk_lengths(grid.chunk_offsets).float().sqrt()[None, :, None]
     q_routed = group_mean(q_means, head_group)
     k_routed = expand_kv(k_means, q_routed.shape[0])
-    return torch.einsum("hid,hcd->hic", q_routed, k_routed) / math.sqrt(q.shape[-1])
+    return torch.bmm(q_routed, k_routed.transpose(1, 2)) / math.sqrt(q.shape[-1])
 
 
 def route_topk(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
     """Top-k chunks by block-mean score, sink and diagonal forced (causality respected)."""
     score = block_scores(q, k, grid, head_group, length_normalized=False)
     forced = (grid.sink(cfg.k_block) | grid.diagonal())[None]
-    weights = torch.ones(grid.num_chunks, device=q.device)
+    weights = None  # one budget unit per fixed block
     return select_under_budget(score, grid.causal(), forced, weights, cfg.budget_blocks(k.shape[1]))
 
 
@@ -102,32 +110,71 @@ def route_ashape(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> tor
     """A-shape: sink + local window forced; the middle filled by top-k; short rows dense."""
     score = block_scores(q, k, grid, head_group, length_normalized=False)
     forced = (grid.sink(cfg.sink_tokens) | local_window(grid, cfg.local_tokens))[None]
-    weights = torch.ones(grid.num_chunks, device=q.device)
+    weights = None  # one budget unit per fixed block
     return select_under_budget(score, grid.causal(), forced, weights, cfg.budget_blocks(k.shape[1]))
 
 
 def vslash_dense_rows(grid: BlockGrid, cfg: DHSAConfig, key_length: int) -> torch.Tensor:
     """First ceil(budget_tokens / q_block) query blocks and the last query block are dense."""
-    rows = torch.zeros(grid.num_q_blocks, dtype=torch.bool, device=grid.q_offsets.device)
-    rows[: math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)] = True
-    rows[-1] = True
-    return rows
+    first = math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)
+
+    def make():
+        rows = torch.zeros(grid.num_q_blocks, dtype=torch.bool, device=grid.q_offsets.device)
+        rows[:first] = True
+        rows[-1] = True
+        return rows
+
+    return grid.memo(("vslash_dense_rows", first), make)
 
 
-def last_queries_probabilities(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid,
-                               head_group: int, n_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gqa_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """fp32 ``q [Hq, n, D] @ k [Hkv, L, D]^T -> [Hq, n, L]``, query head ``h`` on KV head ``h // g``.
+
+    One batched GEMM per KV head over the rows of its ``g`` query heads, so K is never repeated
+    (the repeat costs ``g`` fp32 copies of K). On CUDA, bf16/fp16 operands go through the tensor
+    cores with an fp32 result (their products are exact in fp32; only the summation order differs
+    from an fp32 GEMM); elsewhere an fp32 GEMM, as in the reference.
+    """
+    hq, n, d = q.shape
+    hkv = k.shape[0]
+    rows = q.reshape(hkv, (hq // hkv) * n, d)
+    if q.is_cuda and q.dtype == k.dtype and q.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(rows, k.transpose(1, 2), out_dtype=torch.float32).view(hq, n, -1)
+        except (TypeError, RuntimeError):  # torch without the fp32-output GEMM: fp32 operands
+            pass
+    return torch.bmm(rows.float(), k.float().transpose(1, 2)).view(hq, n, -1)
+
+
+def _fused_last_queries_probabilities(q: torch.Tensor, k: torch.Tensor, head_group: int,
+                                      n_last: int) -> torch.Tensor | None:
+    """On CUDA, the torch-cuda backend's Triton kernels compute the same probabilities without
+    writing the ``[Hq, n_last, Lk]`` logits (the largest cost of ``vslash`` routing); None where
+    they do not apply (CPU, fp32 inputs, no Triton), and the torch code below runs."""
+    if not q.is_cuda:
+        return None
+    try:
+        from ..backends.torch_cuda import routing_triton
+    except ImportError:
+        return None
+    return routing_triton.try_last_queries_probabilities(q, k, head_group, n_last)
+
+
+def last_queries_probabilities(q: torch.Tensor, k: torch.Tensor, head_group: int, n_last: int) -> torch.Tensor:
     """Exact causal softmax of the last ``n_last`` queries over all keys, per routing head.
 
-    Returns probabilities ``[Hr, n_last, Lk]`` (group routing averages the heads' probabilities)
-    and the key positions of those queries ``[n_last]``.
+    Returns probabilities ``[Hr, n_last, Lk]`` (group routing averages the heads' probabilities).
+    The queries sit at the last ``n_last`` key positions (``Lk - n_last + i``), so only the last
+    ``n_last`` key columns can lie in a query's future; only they are masked (in place).
     """
-    q_last = q[:, -n_last:].float()
-    keys = expand_kv(k.float(), q.shape[0])
-    positions = torch.arange(q.shape[1] - n_last, q.shape[1], device=q.device) + grid.q_offset
-    logits = torch.einsum("hqd,hkd->hqk", q_last, keys) / math.sqrt(q.shape[-1])
-    future = torch.arange(k.shape[1], device=q.device)[None, :] > positions[:, None]
-    probs = logits.masked_fill(future[None], -math.inf).softmax(dim=-1)
-    return group_mean(probs, head_group), positions
+    fused = _fused_last_queries_probabilities(q, k, head_group, n_last)
+    if fused is not None:
+        return fused
+    logits = gqa_scores(q[:, -n_last:], k).div_(math.sqrt(q.shape[-1]))
+    key_length = k.shape[1]
+    tail = torch.arange(n_last, device=q.device)
+    logits[..., key_length - n_last:].masked_fill_((tail[None, :] > tail[:, None])[None], -math.inf)
+    return group_mean(logits.softmax(dim=-1), head_group)
 
 
 def sum_along_diagonals(probs: torch.Tensor, row_positions: torch.Tensor) -> torch.Tensor:
@@ -143,13 +190,31 @@ def sum_along_diagonals(probs: torch.Tensor, row_positions: torch.Tensor) -> tor
     return (probs.gather(-1, index) * valid[None]).sum(dim=1)
 
 
-def top_lines_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """``[H, n]`` mask of the ``count`` largest entries per row (positive ones only)."""
+def sum_along_diagonals_of_last_rows(probs: torch.Tensor) -> torch.Tensor:
+    """``out[h, o] = sum_i probs[h, i, W - n + i - o]`` for ``probs [H, n, W]`` whose rows are the
+    last ``n`` positions of the ``W`` columns (terms with a negative column are 0).
+
+    :func:`sum_along_diagonals` for consecutive rows without an index tensor: with the columns
+    reversed and ``n - 1`` zeros appended to every row, diagonal ``o`` is the line
+    ``flat[i * (row - 1) + n - 1 + o]`` of the row-major buffer, so one strided view and one
+    reduction give every diagonal sum (in the same order as the gather: identical fp32 sums).
+    """
+    heads, n, width = probs.shape
+    padded = torch.nn.functional.pad(probs.flip(-1), (0, n - 1))  # [H, n, W + n - 1]
+    row = width + n - 1
+    diagonals = padded.as_strided((heads, n, width), (n * row, row - 1, 1), padded.storage_offset() + n - 1)
+    return diagonals.sum(dim=1)
+
+
+def keep_top_lines(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``scores [H, n]`` (line masses, >= 0) with all but the ``count`` largest per row set to 0
+    (a selected line of zero mass stays 0, i.e. unselected)."""
     count = max(0, min(count, scores.shape[-1]))
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    kept = torch.zeros_like(scores)
     if count:
-        mask.scatter_(-1, scores.topk(count, dim=-1).indices, True)
-    return mask & (scores > 0)
+        top = scores.topk(count, dim=-1)
+        kept.scatter_(-1, top.indices, top.values.clamp(min=0))
+    return kept
 
 
 def scatter_lines_to_blocks(vertical: torch.Tensor, slash: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
@@ -163,12 +228,24 @@ def scatter_lines_to_blocks(vertical: torch.Tensor, slash: torch.Tensor, grid: B
     v_prefix = torch.nn.functional.pad(vertical.cumsum(-1), (1, 0))
     v_block = (v_prefix[:, ends] - v_prefix[:, starts])[:, None, :]  # [Hr, 1, nC]
     s_prefix = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))
-    max_offset = slash.shape[-1] - 1
-    o_min = (grid.q_first_position()[:, None] - (ends[None, :] - 1)).clamp(0, max_offset + 1)
-    o_max = (grid.q_last_position()[:, None] - starts[None, :]).clamp(-1, max_offset)
-    s_block = s_prefix[:, (o_max + 1).clamp(min=0)] - s_prefix[:, o_min.clamp(max=max_offset + 1)]
-    s_block = torch.where((o_max >= o_min)[None], s_block, torch.zeros_like(s_block))
-    return v_block + s_block
+    upper, lower, empty = slash_offset_ranges(grid, slash.shape[-1])
+    return v_block + (s_prefix[:, upper] - s_prefix[:, lower]).masked_fill_(empty[None], 0.0)
+
+
+def slash_offset_ranges(grid: BlockGrid, num_offsets: int):
+    """Prefix-sum bounds of the offsets ``query - key`` that cross each (query block, chunk) cell.
+
+    Returns ``upper, lower [nQ, nC]`` (slash mass of a cell = ``prefix[upper] - prefix[lower]``)
+    and ``empty [nQ, nC]`` (no offset crosses the cell). Geometry only, so computed once per grid.
+    """
+    def make():
+        starts, ends = grid.chunk_offsets[:-1], grid.chunk_offsets[1:]
+        max_offset = num_offsets - 1
+        o_min = (grid.q_first_position()[:, None] - (ends[None, :] - 1)).clamp(0, max_offset + 1)
+        o_max = (grid.q_last_position()[:, None] - starts[None, :]).clamp(-1, max_offset)
+        return (o_max + 1).clamp(min=0), o_min.clamp(max=max_offset + 1), o_max < o_min
+
+    return grid.memo(("slash_offset_ranges", num_offsets), make)
 
 
 def line_rank(line_score: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -184,17 +261,17 @@ def route_vslash(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> tor
     """Vertical-slash: lines predicted from the exact attention of the last q_block queries."""
     key_length = k.shape[1]
     n_last = min(cfg.q_block, q.shape[1])
-    probs, positions = last_queries_probabilities(q, k, grid, head_group, n_last)
+    probs = last_queries_probabilities(q, k, head_group, n_last)
     vertical = probs.sum(dim=1)  # [Hr, Lk]
-    slash = sum_along_diagonals(probs, positions)
+    slash = sum_along_diagonals_of_last_rows(probs)  # probs rows sit at the last key positions
     budget_tokens = cfg.budget_tokens(key_length)
     n_vertical = budget_tokens // 2
-    vertical = vertical * top_lines_mask(vertical, n_vertical)
-    slash = slash * top_lines_mask(slash, budget_tokens - n_vertical)
+    vertical = keep_top_lines(vertical, n_vertical)
+    slash = keep_top_lines(slash, budget_tokens - n_vertical)
     lines = scatter_lines_to_blocks(vertical, slash, grid)
     fallback = torch.sigmoid(block_scores(q, k, grid, head_group, length_normalized=False))
     forced = (grid.sink(cfg.k_block) | grid.diagonal())[None]
-    weights = torch.ones(grid.num_chunks, device=q.device)
+    weights = None  # one budget unit per fixed block
     return select_under_budget(
         line_rank(lines, fallback), grid.causal(), forced, weights,
         cfg.budget_blocks(key_length), vslash_dense_rows(grid, cfg, key_length),
@@ -218,13 +295,13 @@ def route_vslash_blockwise(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: i
     slash = sum_along_diagonals(probs * causal[None], diag)
     budget = cfg.budget_blocks(key_length)
     n_vertical = budget // 2
-    vertical = vertical * top_lines_mask(vertical, n_vertical)
-    slash = slash * top_lines_mask(slash, budget - n_vertical)
+    vertical = keep_top_lines(vertical, n_vertical)
+    slash = keep_top_lines(slash, budget - n_vertical)
     lines = vertical[:, None, :] + slash.gather(
         1, block_offset.clamp(min=0).reshape(-1).expand(probs.shape[0], -1)
     ).reshape_as(probs) * causal[None]
     forced = (grid.sink(cfg.k_block) | grid.diagonal())[None]
-    weights = torch.ones(grid.num_chunks, device=q.device)
+    weights = None  # one budget unit per fixed block
     return select_under_budget(
         line_rank(lines, probs), causal, forced, weights, budget,
         vslash_dense_rows(grid, cfg, key_length),
@@ -272,7 +349,9 @@ def route(
     pattern = cfg.effective_pattern(k.shape[1])
     if pattern != "dynamic" or chunk_offsets is None:
         chunk_offsets = fixed_offsets(k.shape[1], cfg.k_block, q.device)
-    grid = BlockGrid.build(q.shape[1], chunk_offsets.to(q.device), cfg.q_block)
+        grid = BlockGrid.build(q.shape[1], chunk_offsets, cfg.q_block, k.shape[1], cfg.k_block)
+    else:
+        grid = BlockGrid.build(q.shape[1], chunk_offsets.to(q.device), cfg.q_block)
     head_group = routing_heads(q.shape[0], k.shape[0], cfg)
     mask = PATTERN_FUNCTIONS[pattern](q, k, cfg, grid, head_group)
     return Selection(grid, mask, head_group)

@@ -4,7 +4,8 @@ One attention layer, batch 1, bf16, causal prefill, random inputs. Times are CUD
 ``repeats`` runs after ``warmup`` runs:
 
 - ``routing_ms``: :func:`dhsa_export.algo.routing.route` on the GPU tensors + conversion to the op's
-  ``block_index`` / ``block_count`` (includes its host synchronizations);
+  ``block_index`` / ``block_count`` (no host synchronization on the fixed-block patterns: the time
+  is the GPU work, or the launch time where that is longer);
 - ``attention_ms``: the CUDA kernel (index validation + attention) given those indices;
 - ``dhsa_ms = routing_ms + attention_ms``;
 - ``sdpa_ms``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)``;
@@ -61,6 +62,17 @@ def _time_ms(fn, warmup: int, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def warm_gpu(seconds: float = 0.5) -> None:
+    """Run bf16 matrix products for ``seconds`` so the first timings do not see idle clocks
+    (an idle H200 sits at ~345 MHz; launch-bound work such as routing alone may not ramp it)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def machine_info() -> dict:
@@ -188,6 +200,7 @@ def bench_attention(tokens: list[int], shape: str = "llama3.1-8b", density: floa
 
         flex_fn = torch.compile(flex_attention, dynamic=False)
     rows = []
+    warm_gpu()
     for length in tokens:
         gen = torch.Generator(device=device).manual_seed(seed + length)
         q = torch.randn(1, hq, length, d, device=device, dtype=torch.bfloat16, generator=gen)

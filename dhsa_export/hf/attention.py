@@ -8,6 +8,12 @@ LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM all call the registere
 Prefill (more than one query) is sparse; decode (one query) is dense over the KV cache. For the
 ``dynamic`` pattern the key chunks are predicted once per forward pass from layer 0's key states
 and shared by all layers (DESIGN.md section 2).
+
+Backends (:func:`select_backend`): ``"reference"`` runs the per-block reference attention of
+:mod:`dhsa_export.algo.attention` (any device); ``"torch-cuda"`` runs the CUDA block-sparse
+kernel (:mod:`dhsa_export.backends.torch_cuda`) after the same torch routing on the GPU;
+``"auto"`` (the default) takes the kernel for CUDA fp16/bf16 tensors when its library loads, and
+the reference otherwise. Padding, decode and the ``dynamic`` chunks behave the same in both.
 """
 
 from __future__ import annotations
@@ -17,26 +23,72 @@ from typing import Callable
 
 import torch
 
-from ..algo.attention import RoutingStats, dhsa_attention
+from ..algo.attention import BACKENDS, RoutingStats, dhsa_attention
 from ..config import DHSAConfig
+from ..errors import DHSAError
 
 ATTENTION_NAME = "dhsa"
+BACKEND_CHOICES = ("auto",) + BACKENDS
 
 # A chunker maps one sequence's real layer-0 keys [Hkv, L, D] to chunk offsets [nC + 1].
 Chunker = Callable[[torch.Tensor], torch.Tensor]
 
 
+def select_backend(device, requested: str = "auto", dtype: torch.dtype | None = None) -> str:
+    """The attention backend for tensors on ``device`` (of ``dtype``): "reference" or "torch-cuda".
+
+    ``"auto"`` picks "torch-cuda" when the CUDA kernel can serve them (CUDA device, fp16/bf16,
+    kernel library loads or builds) and "reference" otherwise; an explicit "torch-cuda" that
+    cannot run raises :class:`DHSAError` saying why, instead of silently running the slow path.
+    """
+    _check_backend_name(requested)
+    if requested == "reference":
+        return "reference"
+    if torch.device(device).type != "cuda":
+        reason = f"the model runs on {torch.device(device)}; the CUDA kernel needs a CUDA device"
+    else:
+        from ..backends.torch_cuda import unavailable_reason
+
+        reason = unavailable_reason(device, dtype)
+    if reason is None:
+        return "torch-cuda"
+    if requested == "torch-cuda":
+        raise DHSAError(f"DHSA backend 'torch-cuda' cannot run: {reason}; use backend='reference' or 'auto'")
+    return "reference"
+
+
+def _check_backend_name(requested: str) -> None:
+    if requested not in BACKEND_CHOICES:
+        raise DHSAError(f"unknown DHSA backend {requested!r}; use one of {', '.join(BACKEND_CHOICES)}")
+
+
 @dataclass
 class DHSARuntime:
-    """State shared by the attention modules of one model."""
+    """State shared by the attention modules of one model.
+
+    ``requested_backend`` is what the user asked for ("auto", "reference", "torch-cuda");
+    ``backend`` is what the last prefill ran (resolved by :func:`select_backend` per device and
+    dtype, cached).
+    """
 
     cfg: DHSAConfig
     chunker: Chunker | None = None
     stats: RoutingStats = field(default_factory=RoutingStats)
     chunk_offsets: list | None = None
+    requested_backend: str = "auto"
+    backend: str = "reference"
+    _resolved: dict = field(default_factory=dict, repr=False)
 
     def reset_stats(self) -> None:
         self.stats = RoutingStats()
+
+    def backend_for(self, tensor: torch.Tensor) -> str:
+        """The backend for tensors like ``tensor`` (resolved once per device and dtype)."""
+        key = (tensor.device, tensor.dtype)
+        if key not in self._resolved:
+            self._resolved[key] = select_backend(tensor.device, self.requested_backend, tensor.dtype)
+        self.backend = self._resolved[key]
+        return self.backend
 
 
 def register_dhsa_attention() -> None:
@@ -56,14 +108,24 @@ def attention_modules(model) -> list[torch.nn.Module]:
     ]
 
 
-def enable_dhsa(model, cfg: DHSAConfig, chunker: Chunker | None = None) -> DHSARuntime:
-    """Switch ``model`` to DHSA prefill attention; returns the runtime (stats live there)."""
+def enable_dhsa(model, cfg: DHSAConfig, chunker: Chunker | None = None,
+                backend: str = "auto") -> DHSARuntime:
+    """Switch ``model`` to DHSA prefill attention; returns the runtime (stats live there).
+
+    ``backend``: "auto" (CUDA kernel where it can run, else the reference), "reference" or
+    "torch-cuda" (see :func:`select_backend`). It is resolved for the model's current device
+    now (so an impossible "torch-cuda" fails here) and again if the model moves.
+    """
+    _check_backend_name(backend)
     register_dhsa_attention()
     if cfg.pattern == "dynamic" and chunker is None:
         from ..algo.boundaries import make_chunker
 
         chunker = make_chunker(cfg)
-    runtime = DHSARuntime(cfg, chunker)
+    runtime = DHSARuntime(cfg, chunker, requested_backend=backend)
+    parameter = next(iter(model.parameters()), None)
+    if parameter is not None:
+        runtime.backend_for(parameter)
     modules = attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules DHSA can serve")
@@ -116,7 +178,8 @@ def dhsa_attention_forward(
         if getattr(module, "layer_idx", 0) == 0 or runtime.chunk_offsets is None:
             runtime.chunk_offsets = _predict_chunks(runtime, key, mask)
         offsets = runtime.chunk_offsets
-    output = dhsa_attention(query, key, value, runtime.cfg, scaling, mask, offsets, runtime.stats)
+    backend = runtime.backend_for(query) if query.shape[-2] > 1 else "reference"  # decode: dense in both
+    output = dhsa_attention(query, key, value, runtime.cfg, scaling, mask, offsets, runtime.stats, backend)
     return output.transpose(1, 2).contiguous(), None
 
 

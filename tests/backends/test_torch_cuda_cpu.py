@@ -67,3 +67,68 @@ def test_flex_conversions_compute_the_selection(routing):
                  selection_to_block_mask_exact(sel, hq, length, length)):
         out = flex.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
         assert torch.allclose(out[0], ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend choice of the transformers integration (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+def test_select_backend_on_cpu():
+    from dhsa_export import DHSAError
+    from dhsa_export.hf.attention import select_backend
+
+    assert select_backend("cpu") == "reference"
+    assert select_backend("cpu", "reference") == "reference"
+    assert select_backend(torch.device("cpu"), "auto", torch.bfloat16) == "reference"
+    with pytest.raises(DHSAError, match="needs a CUDA device"):
+        select_backend("cpu", "torch-cuda")
+    with pytest.raises(DHSAError, match="unknown DHSA backend"):
+        select_backend("cpu", "cuda")
+
+
+def test_enable_dhsa_resolves_the_backend_on_cpu():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dhsa_export import DHSAError
+    from dhsa_export.hf.attention import enable_dhsa
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    runtime = enable_dhsa(model, DHSAConfig(q_block=32, k_block=8))
+    assert (runtime.requested_backend, runtime.backend) == ("auto", "reference")
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 70)))
+    assert runtime.backend == "reference" and runtime.stats.calls == 1
+    with pytest.raises(DHSAError, match="torch-cuda"):
+        enable_dhsa(model, DHSAConfig(), backend="torch-cuda")
+
+
+def test_block_index_without_sort_matches_sorted_form():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(4, 300, 16, generator=gen), torch.randn(2, 300, 16, generator=gen)
+    sel = route(q, k, DHSAConfig(density=0.2, q_block=64, k_block=16, pattern="topk"))
+    index, count = sel.to_block_index()
+    wide, wide_count = sel.to_block_index(sel.grid.num_chunks)
+    assert torch.equal(count, wide_count) and wide.shape[-1] == sel.grid.num_chunks
+    assert torch.equal(wide[..., : index.shape[-1]], index)
+    assert bool((wide[..., index.shape[-1]:] == -1).all())
+    chunk_ids = torch.arange(sel.grid.num_chunks)
+    keyed = torch.where(sel.mask, chunk_ids, sel.grid.num_chunks + chunk_ids).sort(-1).values
+    expected = torch.where(keyed < sel.grid.num_chunks, keyed, -1)[..., : index.shape[-1]]
+    assert torch.equal(index.long(), expected)
+
+
+def test_routing_stats_read_back_lazily():
+    from dhsa_export.algo import RoutingStats
+
+    gen = torch.Generator().manual_seed(4)
+    stats, fractions = RoutingStats(), []
+    for density in (0.1, 0.3, 1.0):
+        q, k = torch.randn(2, 200, 16, generator=gen), torch.randn(2, 200, 16, generator=gen)
+        sel = route(q, k, DHSAConfig(density=density, q_block=32, k_block=8))
+        stats.add(sel, "vslash")
+        fractions.append(sel.causal_block_fraction())
+    assert stats.calls == 3
+    assert stats.causal_block_fraction_sum == sum(fractions)
+    assert stats.causal_block_fraction == sum(fractions) / 3

@@ -1,40 +1,82 @@
 #!/usr/bin/env bash
-# GPU machine driver: build the CUDA kernels, run the GPU tests, run the attention benchmark.
+# GPU machine driver: kernel library, GPU tests, routing profile, attention and prefill benchmarks.
 # Run from the repository root:   OUT=/some/dir tools/gpu/run_bench.sh
-# Writes under $OUT (default out/gpu): machine.txt, build.log, tests.log, junit.xml, bench.log,
-# bench_attention.json. Knobs (environment): TOKENS (default 8192,32768,65536,131072), VARIANTS
-# (kernel tile variants to time, default auto), TESTS (pytest paths), SKIP_TESTS=1, SKIP_BENCH=1, PYTEST_ARGS, PYTHON,
-# DHSA_CACHE_DIR (kernel build cache; default ./.kcache, carry it to reuse a local build).
+#
+# STEPS (comma list, default tests,routing,attention,prefill,topk) picks what runs, in this order:
+#   tests      pytest -m gpu $TESTS                         -> $OUT/tests.log
+#   routing    tools/gpu/profile_routing.py (before/after)  -> $OUT/routing.json
+#   attention  python -m dhsa_export.bench.attention (vslash, $TOKENS) -> $OUT/bench_attention.json
+#   prefill    python -m dhsa_export.bench.prefill ($PREFILL_TOKENS)   -> $OUT/bench_prefill.json
+#   topk       the attention benchmark with --pattern topk at $TOPK_TOKENS -> $OUT/bench_attention_topk.json
+# Everything else goes to $OUT/run.log (machine, build, step logs); summary tables are printed last.
+# Knobs: TOKENS (8192,32768,65536,131072), PREFILL_TOKENS (32768,131072), TOPK_TOKENS (32768),
+# VARIANTS (kernel variants to time, default auto), TESTS, PYTEST_ARGS, PYTHON, ROUTING_ARGS,
+# DHSA_KERNEL_LIBRARY (a prebuilt libdhsa_kernels.so; else it is built into DHSA_CACHE_DIR,
+# default ./.kcache: carry it to reuse a local build).
 set -uo pipefail
 OUT="${OUT:-out/gpu}"
+STEPS=",${STEPS:-tests,routing,attention,prefill,topk},"
 TOKENS="${TOKENS:-8192,32768,65536,131072}"
+PREFILL_TOKENS="${PREFILL_TOKENS:-32768,131072}"
+TOPK_TOKENS="${TOPK_TOKENS:-32768}"
 VARIANTS="${VARIANTS:-auto}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
+LOG="$OUT/run.log"
 export PYTHONUNBUFFERED=1
 export DHSA_CACHE_DIR="${DHSA_CACHE_DIR:-$PWD/.kcache}"
 status=0
+step() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
+stamp() { echo "== $1: $(( $(date +%s) - t0 )) s" | tee -a "$LOG"; }
 
-{ nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version | tail -n 2; } >"$OUT/machine.txt" 2>&1
+{ nvidia-smi; "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"; nvcc --version | tail -n 2; } >>"$LOG" 2>&1
 
-start=$(date +%s)
-"$PY" -m dhsa_export.backends.torch_cuda.build >"$OUT/build.log" 2>&1 || { status=1; cat "$OUT/build.log"; }
-echo "build: $(( $(date +%s) - start )) s ($(tail -n 1 "$OUT/build.log"))"
-
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  start=$(date +%s)
-  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -m gpu ${TESTS:-tests/backends/test_torch_cuda.py} -p no:cacheprovider -rfE \
-    --junitxml="$OUT/junit.xml" ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1 || status=1
-  grep -E "^(FAILED|ERROR)|Error|error:|assert" "$OUT/tests.log" | head -n 40
-  tail -n 3 "$OUT/tests.log"
-  echo "tests: $(( $(date +%s) - start )) s"
+t0=$(date +%s)
+if [ -n "${DHSA_KERNEL_LIBRARY:-}" ] && [ -f "$DHSA_KERNEL_LIBRARY" ]; then
+  echo "library: $DHSA_KERNEL_LIBRARY (prebuilt)" | tee -a "$LOG"
+else
+  unset DHSA_KERNEL_LIBRARY
+  "$PY" -m dhsa_export.backends.torch_cuda.build >>"$LOG" 2>&1 || { status=1; tail -n 20 "$LOG"; }
+  stamp "build ($(tail -n 1 "$LOG"))"
 fi
 
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  start=$(date +%s)
-  timeout "${BENCH_TIMEOUT:-420}" "$PY" -m dhsa_export.bench.attention --tokens "$TOKENS" \
-    --variants "$VARIANTS" --json "$OUT/bench_attention.json" >"$OUT/bench.log" 2>&1 || status=1
-  grep -vE "^\s*$" "$OUT/bench.log" | grep -vE "warn|Warning" | tail -n 30
-  echo "bench: $(( $(date +%s) - start )) s"
+if step tests; then
+  t0=$(date +%s)
+  timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu ${TESTS:-tests/backends/test_torch_cuda.py tests/backends/test_torch_cuda_hf.py} \
+    -p no:cacheprovider -rfE ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30
+  tail -n 2 "$OUT/tests.log"
+  stamp tests
 fi
+
+if step routing; then
+  t0=$(date +%s)
+  timeout "${ROUTING_TIMEOUT:-200}" "$PY" tools/gpu/profile_routing.py --tokens "$TOKENS" --json "$OUT/routing.json" \
+    ${ROUTING_ARGS:-} >>"$LOG" 2>&1 || status=1
+  stamp routing
+fi
+
+if step attention; then
+  t0=$(date +%s)
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" -m dhsa_export.bench.attention --tokens "$TOKENS" --pattern vslash \
+    --variants "$VARIANTS" --json "$OUT/bench_attention.json" >>"$LOG" 2>&1 || status=1
+  stamp attention
+fi
+
+if step prefill; then
+  t0=$(date +%s)
+  timeout "${PREFILL_TIMEOUT:-200}" "$PY" -m dhsa_export.bench.prefill --tokens "$PREFILL_TOKENS" \
+    --json "$OUT/bench_prefill.json" >>"$LOG" 2>&1 || status=1
+  stamp prefill
+fi
+
+if step topk; then
+  t0=$(date +%s)
+  timeout "${TOPK_TIMEOUT:-120}" "$PY" -m dhsa_export.bench.attention --tokens "$TOPK_TOKENS" --pattern topk \
+    --json "$OUT/bench_attention_topk.json" >>"$LOG" 2>&1 || status=1
+  stamp topk
+fi
+
+echo "---- summary"
+grep -E "^(\| |DIFF|Traceback|[A-Za-z]*Error)" "$LOG" | grep -v "^| Name" | tail -n 60
 exit $status

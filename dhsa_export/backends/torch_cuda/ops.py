@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ...algo.layout import Selection, fixed_offsets
+from ...algo.layout import Selection
 from ...algo.routing import route
 from ...config import DHSAConfig
 from ...errors import DHSAError
@@ -148,12 +148,14 @@ def block_sparse_attention_cuda(q, k, v, block_index, block_count, key_chunk_off
 
 def selections_to_indices(selections: list[Selection], variable: bool):
     """Stack per-sequence selections into the op's ``block_index [B, Hr, nQ, K]`` (padded -1),
-    ``block_count [B, Hr, nQ]`` and, when ``variable``, ``key_chunk_offsets [B, nC + 1]``."""
-    pairs = [s.to_block_index() for s in selections]
-    width = max(index.shape[-1] for index, _ in pairs)
-    index = torch.stack([
-        torch.nn.functional.pad(i, (0, width - i.shape[-1]), value=-1) for i, _ in pairs
-    ])
+    ``block_count [B, Hr, nQ]`` and, when ``variable``, ``key_chunk_offsets [B, nC + 1]``.
+
+    ``K`` is the largest chunk count (always enough, and known on the host), so nothing is read
+    back from the GPU: routing and attention queue up without a synchronization.
+    """
+    width = max(1, max(s.grid.num_chunks for s in selections))
+    pairs = [s.to_block_index(width) for s in selections]  # same Lq, same width: shapes agree
+    index = torch.stack([i for i, _ in pairs])
     count = torch.stack([c for _, c in pairs])
     offsets = None
     if variable:
@@ -161,23 +163,27 @@ def selections_to_indices(selections: list[Selection], variable: bool):
         rows = []
         for s in selections:
             off = s.grid.chunk_offsets.to(torch.int32)
-            rows.append(torch.nn.functional.pad(off, (0, n_chunks - s.grid.num_chunks), value=int(off[-1])))
+            rows.append(torch.cat([off, off[-1:].expand(n_chunks - s.grid.num_chunks)]))
         offsets = torch.stack(rows)
     return index.to(torch.int32).contiguous(), count.to(torch.int32).contiguous(), offsets
 
 
+def is_variable(selection: Selection) -> bool:
+    """Whether the selection's key chunks are variable (``key_chunk_offsets`` must be passed)."""
+    return selection.grid.chunk_block is None
+
+
 def route_batch(q, k, cfg: DHSAConfig, chunk_offsets=None) -> tuple[list[Selection], bool]:
-    """Route every sequence of ``q [B, Hq, Lq, D]`` / ``k [B, Hkv, Lk, D]`` on its own device."""
+    """Route every sequence of ``q [B, Hq, Lq, D]`` / ``k [B, Hkv, Lk, D]`` on its own device.
+
+    Returns the selections and whether their chunks are variable (known from the routing, no
+    comparison of offsets on the device).
+    """
     selections = []
     for b in range(q.shape[0]):
         offsets = chunk_offsets[b] if chunk_offsets is not None else None
         selections.append(route(q[b], k[b], cfg, offsets))
-    fixed = fixed_offsets(k.shape[2], cfg.k_block, q.device)
-    variable = any(
-        s.grid.chunk_offsets.shape != fixed.shape or not torch.equal(s.grid.chunk_offsets, fixed)
-        for s in selections
-    )
-    return selections, variable
+    return selections, any(is_variable(s) for s in selections)
 
 
 def dhsa_attention_cuda(q, k, v, cfg: DHSAConfig, scale=None, chunk_offsets=None, stats=None,
@@ -197,3 +203,55 @@ def dhsa_attention_cuda(q, k, v, cfg: DHSAConfig, scale=None, chunk_offsets=None
     out = block_sparse_attention_cuda(q, k, v, index, count, offsets, q_block=cfg.q_block,
                                       k_block=cfg.k_block, scale=scale, causal=True)
     return (out, selections) if return_selections else out
+
+
+def unavailable_reason(device, dtype: torch.dtype | None = None) -> str | None:
+    """Why the CUDA kernel cannot serve tensors on ``device`` of ``dtype``, or None if it can.
+
+    Loads (building on first use, see :mod:`.build`) the kernel library; a failure to build or
+    load is a reason, not an exception, so callers can fall back to the reference.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the tensors are on {device}; the kernel needs CUDA tensors"
+    if not torch.cuda.is_available():
+        return "CUDA is not available to this PyTorch"
+    if dtype is not None and dtype not in _DTYPES:
+        return f"dtype {dtype}: the kernel takes float16 or bfloat16"
+    try:
+        library.load_library()
+    except DHSAError as exc:
+        return str(exc)
+    return None
+
+
+def is_plain_causal(mask: torch.Tensor) -> bool:
+    """Whether a boolean ``[Lq, Lk]`` mask is exactly causal with the queries at the end of the keys."""
+    lq, lk = mask.shape
+    rows = torch.arange(lq, device=mask.device)[:, None] + (lk - lq)
+    return bool(torch.equal(mask, torch.arange(lk, device=mask.device)[None, :] <= rows))
+
+
+def selection_attention_cuda(q, k, v, selection: Selection, scale=None, extra_mask=None):
+    """One sequence (``q [Hq, Lq, D]``, ``k/v [Hkv, Lk, D]``) restricted to ``selection`` with the
+    CUDA kernel: the same contract as :func:`dhsa_export.algo.attention.block_sparse_attention`,
+    which the transformers integration calls through ``backend="torch-cuda"``.
+
+    ``extra_mask`` (padded batches) must be the plain causal mask of the real tokens; any other
+    mask (e.g. a sliding window) goes to the reference implementation, which applies it. The
+    kernel's index check is skipped (``check=False``: the indices come from routing and are
+    valid by construction), so nothing synchronizes the stream.
+    """
+    if extra_mask is not None and not is_plain_causal(extra_mask):
+        from ...algo.attention import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, selection, scale, extra_mask)
+    grid = selection.grid
+    index, count = selection.to_block_index(max(1, grid.num_chunks))
+    offsets = grid.chunk_offsets.to(torch.int32)[None] if is_variable(selection) else None
+    q_block = grid.q_block or int(grid.q_offsets[1] - grid.q_offsets[0])
+    out = block_sparse_attention_cuda(
+        q[None], k[None], v[None], index[None], count[None], offsets,
+        q_block=q_block, k_block=grid.chunk_block or 1, scale=scale, causal=True, check=False,
+    )
+    return out[0]
