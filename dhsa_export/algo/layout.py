@@ -211,8 +211,9 @@ class Selection:
         total = area.sum() * self.mask.shape[0]
         return torch.where(total > 0, selected / total.clamp(min=1e-30), torch.ones_like(total))
 
-    def token_mask(self, num_query_heads: int) -> torch.Tensor:
-        """Dense ``[Hq, Lq, Lk]`` boolean mask (selection AND causal) for tests and small inputs."""
+    def token_mask(self, num_query_heads: int, causal: bool = True) -> torch.Tensor:
+        """Dense ``[Hq, Lq, Lk]`` boolean mask (selection, AND causal unless ``causal=False``)
+        for tests, references and small inputs."""
         grid = self.grid
         key_chunk = chunk_id_per_token(grid.chunk_offsets, grid.key_length)
         q_len = grid.query_length
@@ -220,9 +221,11 @@ class Selection:
         routed = self.mask[:, q_block_of][:, :, key_chunk]  # [Hr, Lq, Lk]
         routed = routed.repeat_interleave(self.head_group, dim=0)
         assert routed.shape[0] == num_query_heads
+        if not causal:
+            return routed
         key_len = grid.key_length
-        causal = torch.arange(key_len)[None, :] <= (torch.arange(q_len) + grid.q_offset)[:, None]
-        return routed & causal[None]
+        visible = torch.arange(key_len)[None, :] <= (torch.arange(q_len) + grid.q_offset)[:, None]
+        return routed & visible[None]
 
     def to_block_index(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The op contract's form: ``block_index int32 [Hr, nQ, K]`` (ascending, padded with -1)

@@ -27,10 +27,8 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
-import statistics
 import sys
 import time
 
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 
 from ..config import DHSAConfig
 from ..errors import DHSAError
+from .timing import emit_result, median_ms
 
 SHAPES = {
     # name: (query heads, kv heads, head_dim)
@@ -49,19 +48,7 @@ SHAPES = {
 }
 
 
-def _time_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(max(repeats, 1)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+_time_ms = median_ms
 
 
 def warm_gpu(seconds: float = 0.5) -> None:
@@ -315,14 +302,7 @@ def main(argv=None) -> int:
     except DHSAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-        print(json.dumps(result["machine"]))
-        print(markdown_table(result["rows"]))
-    else:
-        print(text)
+    emit_result(result, args.json, markdown_table)
     return 0
 
 

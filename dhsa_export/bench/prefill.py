@@ -20,7 +20,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from ..config import DHSAConfig
 from ..errors import DHSAError
 from .attention import machine_info
+from .timing import emit_result, event_times_ms
 
 
 def build_random_model(model: str, layers: int | None, dtype: torch.dtype, device: str = "cuda"):
@@ -74,14 +74,7 @@ def _time_forward(fn, warmup: int, repeats: int) -> tuple[float, float]:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(max(1, repeats)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = event_times_ms(fn, warmup=0, repeats=repeats)
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     return statistics.median(times), peak
 
@@ -171,14 +164,7 @@ def main(argv=None) -> int:
     except DHSAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-        print(json.dumps(result["machine"]))
-        print(markdown_table(result["rows"]))
-    else:
-        print(text)
+    emit_result(result, args.json, markdown_table)
     return 0
 
 

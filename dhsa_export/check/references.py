@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..algo.attention import block_sparse_attention, dense_attention
-from ..algo.layout import BlockGrid, Selection, chunk_id_per_token, fixed_offsets
+from ..algo.layout import BlockGrid, Selection, fixed_offsets
 from ..algo.routing import route
 from ..onnx.registry import BLOCK_SPARSE_ATTENTION, ROUTE, config_from_route_attributes
 
@@ -70,18 +70,8 @@ def reference_block_sparse_attention(query, key, value, block_index, block_count
         if causal:
             out.append(block_sparse_attention(q[b], k[b], v[b], selection, scale))
         else:
-            out.append(dense_attention(q[b], k[b], v[b], scale, attention_mask=selection_token_mask(selection)))
+            out.append(dense_attention(q[b], k[b], v[b], scale, attention_mask=selection.token_mask(q.shape[1], causal=False)))
     return torch.stack(out).numpy()
-
-
-def selection_token_mask(selection: Selection) -> torch.Tensor:
-    """``[Hq, Lq, Lk]`` mask of the selected chunks without the causal rule (``causal=0``)."""
-    grid = selection.grid
-    key_chunk = chunk_id_per_token(grid.chunk_offsets)
-    q_len = int(grid.q_offsets[-1])
-    q_block_of = torch.searchsorted(grid.q_offsets[1:], torch.arange(q_len), right=True)
-    routed = selection.mask[:, q_block_of][:, :, key_chunk]
-    return routed.repeat_interleave(selection.head_group, dim=0)
 
 
 def _check_lengths(query_length: int, key_length: int) -> None:

@@ -74,27 +74,21 @@ def validate_model_spec(spec: str | None) -> None:
 def load_model(spec: str | None = None, *, layers: int | None = None, dtype: str = "float32") -> LoadedModel:
     """Resolve ``spec`` (see module doc) and load model + tokenizer, offline."""
     spec = spec or DEFAULT_MODEL
+    validate_model_spec(spec)
     torch_dtype = _torch_dtype(dtype)
     if spec.endswith(":random"):
         return _load_random(spec[: -len(":random")], layers, torch_dtype)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise DHSAError(f"GGUF file {spec!r} does not exist; pass an existing .gguf path")
         folder = _converted_gguf(path, path.stem, sha256=None)
         return _load_folder(folder, path.stem, str(path), layers, torch_dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DHSAError(f"folder {spec!r} has no config.json; pass a Hugging Face model folder")
         return _load_folder(path, path.name, str(path), layers, torch_dtype)
-    if spec in recipe_names():
-        recipe = load_recipe(spec)
-        folder = _recipe_folder(recipe)
-        return _load_folder(folder, recipe.name, recipe.source_description, layers, torch_dtype)
-    raise DHSAError(
-        f"unknown model {spec!r}; pass a recipe ({', '.join(recipe_names())}, optionally with "
-        "':random'), a local Hugging Face folder or a .gguf file"
-    )
+    recipe = load_recipe(spec)
+    folder = _recipe_folder(recipe)
+    return _load_folder(folder, recipe.name, recipe.source_description, layers, torch_dtype)
 
 
 def _torch_dtype(name: str):
@@ -237,10 +231,6 @@ def _load_random(recipe_name: str, layers: int | None, dtype) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if recipe_name not in recipe_names():
-        raise DHSAError(
-            f"unknown model '{recipe_name}:random'; ':random' works with {', '.join(recipe_names())}"
-        )
     recipe = load_recipe(recipe_name)
     fields = dict(recipe.config)
     model_type = fields.pop("model_type")

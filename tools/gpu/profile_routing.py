@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -39,23 +38,13 @@ from dhsa_export.algo import route  # noqa: E402
 from dhsa_export.algo.boundaries import make_chunker  # noqa: E402
 from dhsa_export.backends.torch_cuda import routing_triton, selections_to_indices  # noqa: E402
 from dhsa_export.bench.attention import warm_gpu  # noqa: E402
+from dhsa_export.bench.timing import median_ms  # noqa: E402
 
 PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise", "dynamic")
 
 
 def timed(fn, repeats=5, warmup=2):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, warmup, repeats)
 
 
 def inputs(length: int, seed: int = 0):

@@ -1,0 +1,41 @@
+"""Shared GPU timing and result output for the benchmarks (one way to time, one way to report)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Callable
+
+import torch
+
+
+def event_times_ms(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Device-event times of ``repeats`` calls (at least one) after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(1, repeats)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    return statistics.median(event_times_ms(fn, warmup, repeats))
+
+
+def emit_result(result: dict, json_path: str | None, markdown_table: Callable[[list[dict]], str]) -> None:
+    """With a path: write the JSON there and print machine + table; otherwise print the JSON."""
+    text = json.dumps(result, indent=2)
+    if json_path:
+        with open(json_path, "w") as handle:
+            handle.write(text + "\n")
+        print(json.dumps(result["machine"]))
+        print(markdown_table(result["rows"]))
+    else:
+        print(text)
