@@ -169,3 +169,26 @@ def test_int4_is_small_and_retrieves_the_needle(full_artifacts):
     answer = PAPER_NEEDLE.assistant_prefix + sessions.tokenizer.decode(
         generate_tokens(sessions, ids, 32), skip_special_tokens=True)
     assert score_response(PAPER_NEEDLE, answer) == 1.0, answer
+
+
+@pytest.mark.model
+def test_llama31_8b_shape_two_layers_builds_runs_and_checks(tmp_path):
+    """Issue acceptance: `build --model llama3.1-8b:random --layers 2` (exact LLaMA-3.1-8B shapes:
+    hidden 4096, 32/8 heads, head_dim 128, vocab 128256; about 6 GB of fp32 weights) builds, runs
+    and passes check."""
+    out = tmp_path / "llama8b"
+    result = run_cli("build", "--model", "llama3.1-8b:random", "--layers", "2", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["head_dim"] == 128 and manifest["model"]["vocab_size"] == 128256
+    assert (manifest["model"]["num_attention_heads"], manifest["model"]["num_key_value_heads"]) == (32, 8)
+
+    result = run_cli("run", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+
+    report_path = tmp_path / "check.json"
+    result = run_cli("check", out, "--json", report_path, "--lengths", "96,700")
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True and all(o["passed"] for o in report["outputs"])

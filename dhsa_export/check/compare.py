@@ -100,7 +100,7 @@ def check_artifact(folder: str | Path, lengths=DEFAULT_LENGTHS, json_path: str |
                    save_outputs: str | None = None, threads: int | None = None) -> dict:
     """Compare ONNX Runtime against the PyTorch reference on generated prompts."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our own report is printed instead of per-run dumps
@@ -128,7 +128,7 @@ def check_artifact(folder: str | Path, lengths=DEFAULT_LENGTHS, json_path: str |
     feeds = generated_prompts(loaded.tokenizer, lengths)
 
     results = Comparator.run([ort_runner, torch_runner], data_loader=feeds, save_outputs_path=save_outputs)
-    compare = CompareFunc.simple(atol=tolerances.atol, rtol=tolerances.rtol, check_shapes=True)
+    compare = SimpleCompareFunc(atol=tolerances.atol, rtol=tolerances.rtol, check_shapes=True)
     accuracy = Comparator.compare_accuracy(results, compare_func=compare)
     report = _report(results, tolerances, bool(accuracy), lengths, manifest)
     if json_path:

@@ -208,6 +208,35 @@ void require_positive(const OpSpec& op, const char* what, int64_t value, const T
 
 const KernelTable& kernels_from_env() { return select_kernels(std::getenv("DHSA_ORT_ISA")); }
 
+// Both ops read the same query/key dimensions and require the same of them; Problem is
+// RouteProblem or AttentionProblem, which name these fields alike.
+template <typename Problem>
+void read_query_key_dims(const OpSpec& op, const Tensor& q, const Tensor& k, Problem& p) {
+  p.batch = q.shape[0];
+  p.q_heads = q.shape[1];
+  p.q_len = q.shape[2];
+  p.head_dim = q.shape[3];
+  p.kv_heads = k.shape[1];
+  p.k_len = k.shape[2];
+  require_positive(op, "query heads", p.q_heads, q, "query");
+  require_positive(op, "key heads", p.kv_heads, k, "key");
+  require_positive(op, "head dim", p.head_dim, q, "query");
+  if (k.shape[0] != p.batch || k.shape[3] != p.head_dim)
+    throw Error(cat(op.name, ": key ", shape_string(k.shape), " does not match query ", shape_string(q.shape),
+                    " (batch and head dim must agree)"));
+}
+
+// The optional key_chunk_offsets input: only its batch is checked here; its contents are validated
+// by the op itself before any index is used.
+template <typename Problem>
+void read_chunk_offsets(const OpSpec& op, const Tensor& offsets, Problem& p) {
+  if (!offsets.present) return;
+  if (offsets.shape[0] != p.batch)
+    throw Error(cat(op.name, ": key_chunk_offsets ", shape_string(offsets.shape), " must have batch ", p.batch));
+  p.chunk_offsets = static_cast<const int32_t*>(offsets.data);
+  p.offsets_width = offsets.shape[1];
+}
+
 // -------------------------------------------------------------------------------------- kernels
 
 struct RouteKernel {
@@ -224,24 +253,8 @@ struct RouteKernel {
       throw Error(cat(op.name, ": query and key must have the same element type (", static_cast<int>(q.type), " vs ",
                       static_cast<int>(k.type), ")"));
     RouteProblem p;
-    p.batch = q.shape[0];
-    p.q_heads = q.shape[1];
-    p.q_len = q.shape[2];
-    p.head_dim = q.shape[3];
-    p.kv_heads = k.shape[1];
-    p.k_len = k.shape[2];
-    require_positive(op, "query heads", p.q_heads, q, "query");
-    require_positive(op, "key heads", p.kv_heads, k, "key");
-    require_positive(op, "head dim", p.head_dim, q, "query");
-    if (k.shape[0] != p.batch || k.shape[3] != p.head_dim)
-      throw Error(cat(op.name, ": key ", shape_string(k.shape), " does not match query ", shape_string(q.shape),
-                      " (batch and head dim must agree)"));
-    if (offsets.present) {
-      if (offsets.shape[0] != p.batch)
-        throw Error(cat(op.name, ": key_chunk_offsets ", shape_string(offsets.shape), " must have batch ", p.batch));
-      p.chunk_offsets = static_cast<const int32_t*>(offsets.data);
-      p.offsets_width = offsets.shape[1];
-    }
+    read_query_key_dims(op, q, k, p);
+    read_chunk_offsets(op, offsets, p);
     const RouteShape shape = route_shape(attrs, p);
     std::vector<float> q_store, k_store;
     p.query = as_float(q, dtype, q_store);
@@ -267,19 +280,8 @@ struct AttentionKernel {
     if (q.type != k.type || q.type != v.type)
       throw Error(cat(op.name, ": query, key and value must have the same element type"));
     AttentionProblem p;
-    p.batch = q.shape[0];
-    p.q_heads = q.shape[1];
-    p.q_len = q.shape[2];
-    p.head_dim = q.shape[3];
-    p.kv_heads = k.shape[1];
-    p.k_len = k.shape[2];
+    read_query_key_dims(op, q, k, p);
     p.value_dim = v.shape[3];
-    require_positive(op, "query heads", p.q_heads, q, "query");
-    require_positive(op, "key heads", p.kv_heads, k, "key");
-    require_positive(op, "head dim", p.head_dim, q, "query");
-    if (k.shape[0] != p.batch || k.shape[3] != p.head_dim)
-      throw Error(cat(op.name, ": key ", shape_string(k.shape), " does not match query ", shape_string(q.shape),
-                      " (batch and head dim must agree)"));
     if (v.shape[0] != p.batch || v.shape[1] != p.kv_heads || v.shape[2] != p.k_len)
       throw Error(cat(op.name, ": value ", shape_string(v.shape), " does not match key ", shape_string(k.shape),
                       " (batch, heads and length must agree)"));
@@ -302,12 +304,7 @@ struct AttentionKernel {
     if (count.shape[0] != p.batch || count.shape[1] != p.routing_heads || count.shape[2] != p.q_blocks)
       throw Error(cat(op.name, ": block_count ", shape_string(count.shape), " must be ",
                       shape_string(std::vector<int64_t>{p.batch, p.routing_heads, p.q_blocks})));
-    if (offsets.present) {
-      if (offsets.shape[0] != p.batch)
-        throw Error(cat(op.name, ": key_chunk_offsets ", shape_string(offsets.shape), " must have batch ", p.batch));
-      p.chunk_offsets = static_cast<const int32_t*>(offsets.data);
-      p.offsets_width = offsets.shape[1];
-    }
+    read_chunk_offsets(op, offsets, p);
     p.block_index = static_cast<const int32_t*>(index.data);
     p.block_count = static_cast<const int32_t*>(count.data);
     std::vector<float> q_store, k_store, v_store, out_store;
