@@ -361,6 +361,44 @@ def bench_prefill_command(backend, model_spec, layers, tokens, density, pattern,
     click.echo(markdown_table(result["rows"]))
 
 
+@bench.command(name="memory")
+@click.option("--backend", default="torch-cuda", show_default=True)
+@click.option("--model", "model_spec", default="llama3.1-8b:random", show_default=True)
+@click.option("--layers", type=int, default=None, help="Default: all of the recipe's layers.")
+@click.option("--tokens", type=int, default=100_000, show_default=True, help="Prompt length.")
+@click.option("--decode-tokens", type=int, default=16, show_default=True)
+@click.option("--budget-gib", type=float, default=24.0, show_default=True,
+              help="GPU memory cap (torch.cuda.set_per_process_memory_fraction).")
+@click.option("--int4/--no-int4", default=True, show_default=True,
+              help="INT4 weights for the chunked configs (the plain model is always bf16).")
+@click.option("--int4-block-size", type=int, default=32, show_default=True)
+@click.option("--chunk-tokens", type=int, default=8192, show_default=True,
+              help="Positions per MLP / norm chunk in chunked prefill.")
+@click.option("--configs", default="dhsa-chunked-int4,dense-chunked-int4,dense-int4,plain-bf16", show_default=True)
+@click.option("--density", type=float, default=0.125, show_default=True)
+@click.option("--pattern", type=click.Choice(PATTERNS), default="vslash", show_default=True)
+@click.option("--json", "json_path", default=None, metavar="FILE")
+@user_errors
+def bench_memory_command(backend, model_spec, layers, tokens, decode_tokens, budget_gib, int4, int4_block_size,
+                         chunk_tokens, configs, density, pattern, json_path) -> None:
+    """Long-context prefill + decode under a GPU memory budget: DHSA, dense and the plain model."""
+    import os
+
+    DHSAConfig(density=density, pattern=pattern)
+    if tokens < 1 or decode_tokens < 0 or budget_gib <= 0:
+        raise DHSAError(f"--tokens {tokens} and --budget-gib {budget_gib} must be positive and "
+                        f"--decode-tokens {decode_tokens} non-negative")
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+    require_cuda(backend)
+    from .bench.memory import bench_memory, markdown_table, parse_configs
+
+    result = bench_memory(model=model_spec, layers=layers, tokens=tokens, decode_tokens=decode_tokens,
+                          budget_gib=budget_gib, configs=parse_configs(configs), chunk_tokens=chunk_tokens,
+                          block_size=int4_block_size, density=density, pattern=pattern, int4=int4)
+    write_json(json_path, result)
+    click.echo(markdown_table(result["rows"]))
+
+
 @main.command()
 def models() -> None:
     """List the model recipes."""

@@ -76,6 +76,10 @@ def dense_attention(
     no key give zeros instead of NaN.
     """
     num_heads, num_kv = q.shape[-3], k.shape[-3]
+    if attention_mask is None and q.shape[-2] == 1:
+        # decode: the one query sees every key, so no mask and no K/V repeat (at 100K cached
+        # tokens the repeat alone would write 1.6 GB per layer and token)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=num_heads != num_kv)
     keys = k.repeat_interleave(num_heads // num_kv, dim=-3)
     values = v.repeat_interleave(num_heads // num_kv, dim=-3)
     if attention_mask is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -23,6 +24,20 @@ def event_times_ms(fn: Callable[[], object], warmup: int, repeats: int) -> list[
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def time_call_ms(fn: Callable[[], object], device) -> tuple[object, float]:
+    """``(fn(), milliseconds)`` of one call: CUDA events on a CUDA device, the host clock otherwise."""
+    if torch.device(device).type != "cuda":
+        start = time.perf_counter()
+        result = fn()
+        return result, (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = fn()
+    end.record()
+    end.synchronize()
+    return result, start.elapsed_time(end)
 
 
 def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:

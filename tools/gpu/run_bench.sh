@@ -8,8 +8,12 @@
 #   attention  python -m dhsa_export.bench.attention (vslash, $TOKENS) -> $OUT/bench_attention.json
 #   prefill    python -m dhsa_export.bench.prefill ($PREFILL_TOKENS)   -> $OUT/bench_prefill.json
 #   topk       the attention benchmark with --pattern topk at $TOPK_TOKENS -> $OUT/bench_attention_topk.json
+#   memory     python -m dhsa_export.bench.memory: $MEMORY_TOKENS-token prefill + decode of the full
+#              LLaMA-3.1-8B-shaped model under a $MEMORY_BUDGET_GIB GiB cap (not in the default
+#              list; e.g. STEPS=tests,memory TESTS=tests/backends)  -> $OUT/bench_memory.json
 # Everything else goes to $OUT/run.log (machine, build, step logs); summary tables are printed last.
 # Knobs: TOKENS (8192,32768,65536,131072), PREFILL_TOKENS (32768,131072), TOPK_TOKENS (32768),
+# MEMORY_TOKENS (100000), MEMORY_BUDGET_GIB (24), MEMORY_ARGS (more bench.memory options),
 # VARIANTS (kernel variants to time, default auto), TESTS, PYTEST_ARGS, PYTHON, ROUTING_ARGS,
 # DHSA_KERNEL_LIBRARY (a prebuilt libdhsa_kernels.so; else it is built into DHSA_CACHE_DIR,
 # default ./.kcache: carry it to reuse a local build).
@@ -75,6 +79,15 @@ if step topk; then
   timeout "${TOPK_TIMEOUT:-120}" "$PY" -m dhsa_export.bench.attention --tokens "$TOPK_TOKENS" --pattern topk \
     --json "$OUT/bench_attention_topk.json" >>"$LOG" 2>&1 || status=1
   stamp topk
+fi
+
+if step memory; then
+  t0=$(date +%s)
+  PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}" \
+  timeout "${MEMORY_TIMEOUT:-480}" "$PY" -m dhsa_export.bench.memory --tokens "${MEMORY_TOKENS:-100000}" \
+    --budget-gib "${MEMORY_BUDGET_GIB:-24}" --decode-tokens 16 --json "$OUT/bench_memory.json" \
+    ${MEMORY_ARGS:-} >>"$LOG" 2>&1 || status=1
+  stamp memory
 fi
 
 echo "---- summary"
