@@ -169,10 +169,17 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def cuda_index(device) -> int:
+    """The CUDA device index (some torch.cuda calls refuse a bare "cuda")."""
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def set_budget(budget_bytes: int | None, device) -> None:
     """Cap PyTorch's allocator at ``budget_bytes`` (None: the whole GPU)."""
     if torch.device(device).type != "cuda":
         return
+    device = cuda_index(device)
     total = torch.cuda.get_device_properties(device).total_memory
     if budget_bytes is not None and budget_bytes > total:
         raise DHSAError(f"budget {budget_bytes / 2**30:.1f} GiB exceeds the GPU's {total / 2**30:.1f} GiB; "
@@ -183,14 +190,14 @@ def set_budget(budget_bytes: int | None, device) -> None:
 def _memory_mb(device) -> dict:
     if torch.device(device).type != "cuda":
         return {}
-    return {"peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
-            "peak_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1)}
+    return {"peak_mb": round(torch.cuda.max_memory_allocated(cuda_index(device)) / 2**20, 1),
+            "peak_reserved_mb": round(torch.cuda.max_memory_reserved(cuda_index(device)) / 2**20, 1)}
 
 
 def _reset_peak(device) -> None:
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(cuda_index(device))
+        torch.cuda.reset_peak_memory_stats(cuda_index(device))
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -217,7 +224,7 @@ def run_config(name: str, setup: Setup, *, model: str, layers: int | None, token
             net = build_model(model, layers, setup, block_size, seed, device)
             row["load_s"] = round(time.perf_counter() - start, 1)
         if torch.device(device).type == "cuda":
-            row["weights_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+            row["weights_mb"] = round(torch.cuda.memory_allocated(cuda_index(device)) / 2**20, 1)
             row["load_peak_mb"] = _memory_mb(device)["peak_mb"]
         runtime = configure(net, setup, cfg, chunk_tokens, device)
         vocab = net.config.vocab_size
@@ -331,8 +338,8 @@ def _machine(device) -> dict:
     info = machine_info()
     info["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     if torch.device(device).type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        info["context_mb"] = round((total - free - torch.cuda.memory_reserved(device)) / 2**20, 1)
+        free, total = torch.cuda.mem_get_info(cuda_index(device))
+        info["context_mb"] = round((total - free - torch.cuda.memory_reserved(cuda_index(device))) / 2**20, 1)
     return info
 
 

@@ -95,7 +95,9 @@ def _quantize_rows(rows: torch.Tensor, block_size: int, width: int) -> tuple[tor
     if width != w.shape[1]:
         w = F.pad(w, (0, width - w.shape[1]))
     blocks = w.view(w.shape[0], width // block_size, block_size)
-    scales = (blocks.abs().amax(dim=-1) / QMAX).to(SCALE_DTYPE)
+    # times the fp32 reciprocal (not a division): CUDA divides by a scalar that way, so CPU and
+    # GPU give bit-identical scales
+    scales = (blocks.abs().amax(dim=-1) * (1.0 / QMAX)).to(SCALE_DTYPE)
     # quantize with the stored (rounded) scale, so dequantization reproduces the grid exactly;
     # an all-zero block keeps scale 0 and quantizes to zeros
     divisor = torch.where(scales == 0, torch.ones_like(scales), scales).float()
