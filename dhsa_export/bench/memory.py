@@ -7,7 +7,8 @@ total)``. Configurations (``--configs``):
 
 - ``dhsa-chunked-int4``: DHSA prefill (torch-cuda kernel), chunked prefill
   (:mod:`dhsa_export.hf.chunked`), INT4 weights (:mod:`dhsa_export.hf.int4`: every decoder Linear,
-  the embedding and the output projection, block 32, bf16 scales), bf16 activations;
+  the embedding and the output projection, block 32, bf16 scales; decode through the INT4 Triton
+  kernel), bf16 activations;
 - ``dense-chunked-int4``: the same with dense SDPA attention;
 - ``dense-int4``: INT4 + SDPA without chunking (what the chunking alone buys);
 - ``plain-bf16``: the unmodified transformers model with bf16 weights and SDPA, prefilled like
@@ -19,10 +20,11 @@ weights (:func:`dhsa_export.hf.int4.materialize_int4`): the full-precision model
 weights are fine here: this measures memory and speed; accuracy is measured on real models elsewhere.
 
 Per row: ``prefill_ms`` (CUDA events, one 100K prefill after a short warm-up prefill + decode),
-``decode_ms_per_token`` (mean over the decode steps), ``peak_mb`` (``max_memory_allocated`` over
-prefill and decode, weights and KV cache included), ``peak_reserved_mb`` (what the allocator held,
-the figure the cap limits), ``load_peak_mb``, ``weights_mb``, ``kv_cache_mb``, ``ok`` / ``error``.
-The budget covers PyTorch's allocator; the CUDA context (``context_mb``, about 0.5 GiB) comes on top.
+``decode_ms_per_token`` (median over the decode steps, all of them in ``decode_ms_steps``),
+``peak_mb`` (``max_memory_allocated`` over prefill and decode, weights and KV cache included),
+``peak_reserved_mb`` (what the allocator held, the figure the cap limits), ``load_peak_mb``,
+``weights_mb``, ``kv_cache_mb``, ``ok`` / ``error``. The budget covers PyTorch's allocator; the
+CUDA context (``context_mb``, about 0.7 GiB on the H200) comes on top.
 
 Command line::
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -152,13 +155,16 @@ def run_generation(net, ids: torch.Tensor, decode_tokens: int, device, row: dict
     (logits, cache), row["prefill_ms"] = time_call_ms(lambda: prefill(net, ids), device)
     tokens = [int(logits.argmax(-1))]
     phase[0] = "decode"
-    total = 0.0
+    steps = []
     for _ in range(decode_tokens):
         token = torch.tensor([[tokens[-1]]], device=ids.device)
         logits, ms = time_call_ms(lambda: decode_step(net, token, cache), device)
-        total += ms
+        steps.append(round(ms, 2))
         tokens.append(int(logits.argmax(-1)))
-    row["decode_ms_per_token"] = total / decode_tokens if decode_tokens else None
+    # the median: the first step after a long prefill can carry one-time costs (seen: ~0.7 s in the
+    # first configuration of a process only), which a mean over 16 tokens would spread over all
+    row["decode_ms_per_token"] = statistics.median(steps) if steps else None
+    row["decode_ms_steps"] = steps
     row["kv_cache_mb"] = round(kv_cache_bytes(cache) / 2**20, 2)
     return tokens
 
@@ -337,6 +343,10 @@ def _machine(device) -> dict:
 
     info = machine_info()
     info["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if torch.device(device).type == "cuda":
+        from ..backends.torch_cuda import int4_triton
+
+        info["int4_decode_kernel"] = int4_triton.status() or "not used"
     if torch.device(device).type == "cuda":
         free, total = torch.cuda.mem_get_info(cuda_index(device))
         info["context_mb"] = round((total - free - torch.cuda.memory_reserved(cuda_index(device))) / 2**20, 1)

@@ -6,12 +6,13 @@ one output row gets one bf16 scale ``max|w| / 7``; a weight is stored as ``round
 ONNX Runtime's MatMulNBits stores them). The error of every weight is at most half its block's
 scale. Rows whose input size is not a multiple of the block are zero-padded at the end.
 
-Why dequantize-then-matmul rather than a torch int4 kernel: ``torch.ops.aten._weight_int4pack_mm``
-exists on CUDA (tinygemm) but takes an opaque tiled layout that cannot be dequantized for the
-large prefill matrix products (where cuBLAS on bf16 is fastest); serving decode from it would need
-a second copy of every weight, which a 24 GiB budget cannot hold. Dequantization is transient
-(one weight at a time, or one MLP while :func:`dequantized_weights` holds it) and, for very large
-weights (the output projection), done in slabs of output rows.
+Compute: prefill dequantizes and multiplies with cuBLAS (transient: one weight at a time, or one
+MLP while :func:`dequantized_weights` holds it; the output projection in slabs of rows). Decode on
+CUDA (at most a few rows) runs a Triton kernel that reads the packed weights directly
+(:mod:`dhsa_export.backends.torch_cuda.int4_triton`), since dequantizing writes and re-reads a bf16
+copy of every weight per token. torch's own ``_weight_int4pack_mm`` (tinygemm, present in torch 2.11
+and 2.13) was not used: it takes an opaque tiled layout that cannot serve the prefill products, so it
+would need a second copy of every weight, which a 24 GiB budget cannot hold.
 
 - :class:`Int4Linear` replaces ``nn.Linear``; :class:`Int4Embedding` replaces ``nn.Embedding``
   (rows are gathered packed, then dequantized).
@@ -125,7 +126,8 @@ class Int4Linear(nn.Module):
     """``nn.Linear`` with an INT4 weight: ``y = x @ dequant(W).T + b`` in the input's dtype.
 
     The weight is dequantized per call (transient) unless a :func:`dequantized_weights` block
-    holds it for repeated calls (e.g. the chunks of one MLP).
+    holds it for repeated calls (e.g. the chunks of one MLP); on CUDA, inputs of a few rows
+    (decode) go through a kernel that reads the packed weight directly.
     """
 
     def __init__(self, weight: PackedInt4, bias: torch.Tensor | None = None) -> None:
@@ -164,6 +166,11 @@ class Int4Linear(nn.Module):
             if self._held is None or self._held.dtype != x.dtype:
                 self._held = self.dequantize(x.dtype)
             return F.linear(x, self._held, bias)
+        if x.is_cuda and _rows_kernel_ready(x, self.block_size):
+            from ..backends.torch_cuda.int4_triton import int4_rows_matmul
+
+            out = int4_rows_matmul(x, self.packed, self.scales, self.in_features, self.block_size)
+            return out + bias if bias is not None else out
         step = max(1, SLAB_ELEMENTS // self.packed.shape[1] // 2)
         if step >= self.out_features:
             return F.linear(x, self.dequantize(x.dtype), bias)
@@ -177,6 +184,14 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block_size={self.block_size}")
+
+
+def _rows_kernel_ready(x: torch.Tensor, block_size: int) -> bool:
+    """Whether the CUDA kernel for a few rows (decode) serves ``x``: it reads the packed weights
+    once instead of writing and reading a bf16 copy (:mod:`dhsa_export.backends.torch_cuda.int4_triton`)."""
+    from ..backends.torch_cuda import int4_triton
+
+    return int4_triton.supports(x, block_size) and int4_triton.ready(x.device)
 
 
 class Int4Embedding(nn.Module):

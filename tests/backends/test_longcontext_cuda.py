@@ -90,19 +90,61 @@ def test_chunked_int4_tiny_model_matches_unchunked(attention):
         assert rel(chunked[0], reference[0]) < 2e-2, rel(chunked[0], reference[0])
 
 
+@pytest.mark.parametrize("block_size", [32, 128])
+@pytest.mark.parametrize("shape", [(1, 4096, 14336), (3, 14336, 4096), (8, 300, 70), (1, 128256, 4096)])
+def test_int4_rows_kernel_matches_dequantize_then_matmul(shape, block_size):
+    from dhsa_export.backends.torch_cuda.int4_triton import int4_rows_matmul, ready
+    from dhsa_export.hf.int4 import dequantize_int4, quantize_int4
+
+    assert ready(torch.device("cuda"))
+    rows, out_features, in_features = shape
+    gen = torch.Generator(device="cuda").manual_seed(rows + in_features)
+    weight = quantize_int4(torch.randn(out_features, in_features, device="cuda", generator=gen) * 0.02, block_size)
+    x = torch.randn(rows, in_features, device="cuda", generator=gen)
+    want = x @ dequantize_int4(weight, torch.float32).t()
+    got = int4_rows_matmul(x.bfloat16(), weight.packed, weight.scales, in_features, block_size)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert rel(got, want) < 1e-2, rel(got, want)
+    exact = int4_rows_matmul(x, weight.packed, weight.scales, in_features, block_size)
+    assert rel(exact, want) < 1e-5, rel(exact, want)
+
+
+def test_int4_linear_uses_the_kernel_for_decode_rows_only(monkeypatch):
+    from dhsa_export.backends.torch_cuda import int4_triton
+    from dhsa_export.hf.int4 import Int4Linear, quantize_int4
+
+    calls = []
+    real = int4_triton.int4_rows_matmul
+    monkeypatch.setattr(int4_triton, "int4_rows_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    layer = Int4Linear(quantize_int4(torch.randn(512, 1024, device="cuda", generator=gen), 32),
+                       bias=torch.randn(512, device="cuda", generator=gen))
+    decode = torch.randn(1, 1, 1024, device="cuda", generator=gen).bfloat16()
+    prefill = torch.randn(1, 64, 1024, device="cuda", generator=gen).bfloat16()
+    want = torch.nn.functional.linear(decode.float(), layer.dequantize(torch.float32), layer.bias.float())
+    assert rel(layer(decode), want) < 1e-2
+    layer(prefill)
+    assert calls == [(1, 1, 1024)]
+    monkeypatch.setenv(int4_triton.ENV_SWITCH, "0")
+    assert rel(layer(decode), want) < 1e-2 and len(calls) == 1
+
+
 def test_memory_benchmark_small_run():
     from dhsa_export.bench.memory import bench_memory
 
     before = torch.cuda.memory_allocated()
-    result = bench_memory("llama3.1-8b:random", layers=2, tokens=8192, decode_tokens=2, budget_gib=24,
-                          chunk_tokens=2048, warmup_tokens=512, log=print)
+    result = bench_memory("llama3.1-8b:random", layers=2, tokens=32768, decode_tokens=3, budget_gib=24,
+                          chunk_tokens=4096, warmup_tokens=512, log=print)
     rows = {row["config"]: row for row in result["rows"]}
     assert list(rows) == ["dhsa-chunked-int4", "dense-chunked-int4", "dense-int4", "plain-bf16"]
     for row in rows.values():
         assert row["ok"], row
         assert row["peak_reserved_mb"] <= 24 * 1024
+        assert len(row["decode_ms_steps"]) == 3
     assert rows["dhsa-chunked-int4"]["dhsa_backend"] == "torch-cuda"
-    assert rows["dense-chunked-int4"]["peak_mb"] < rows["dense-int4"]["peak_mb"] - 300
+    # at 32K one unchunked [L, 14336] bf16 MLP intermediate is 0.9 GiB, and three are alive
+    assert rows["dense-chunked-int4"]["peak_mb"] < rows["dense-int4"]["peak_mb"] - 1000
+    assert result["machine"]["int4_decode_kernel"] == {"cuda:0": True}
     int4_row = rows["dense-int4"]
     # built weight by weight: the load peak is the INT4 weights plus about one slab's temporaries
     assert int4_row["load_peak_mb"] < int4_row["weights_mb"] + 1536, int4_row
