@@ -98,6 +98,9 @@ def int4_rows_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
 
 def ready(device: torch.device) -> bool:
     """Whether the kernel is on for ``device``: checked once against dequantize + matmul."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     key = str(device)
     if key not in _STATE:
         _STATE[key] = _self_check(device)
