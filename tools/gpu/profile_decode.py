@@ -6,7 +6,7 @@ shape with a few layers (INT4, chunked prefill), prefills ``--tokens`` and times
 steps per mode in the order given (so a first-mode effect shows), then profiles one step of each
 mode with torch.profiler (top ops by CUDA time and by CPU time).
 
-    python3 tools/gpu/profile_decode.py --layers 2 --tokens 32768 --order dhsa,dense,dhsa --json out.json
+    python3 tools/gpu/profile_decode.py --layers 32 --tokens 100000 --budget-gib 24 --json out.json
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from dhsa_export import DHSAConfig
-from dhsa_export.bench.memory import CONFIGS, build_model
-from dhsa_export.bench.timing import time_call_ms
-from dhsa_export.hf.attention import disable_dhsa, enable_dhsa
-from dhsa_export.hf.chunked import decode_step, enable_chunked_prefill, prefill
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
+
+from dhsa_export import DHSAConfig  # noqa: E402
+from dhsa_export.bench.memory import CONFIGS, build_model, set_budget  # noqa: E402
+from dhsa_export.bench.timing import time_call_ms  # noqa: E402
+from dhsa_export.hf.attention import disable_dhsa, enable_dhsa  # noqa: E402
+from dhsa_export.hf.chunked import decode_step, enable_chunked_prefill, prefill  # noqa: E402
 
 
 def steps_ms(net, ids, steps: int) -> list[float]:
@@ -58,8 +62,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--order", default="dhsa,dense,dhsa")
+    parser.add_argument("--budget-gib", type=float, default=None, help="cap the allocator as bench memory does")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    set_budget(int(args.budget_gib * 2**30) if args.budget_gib else None, "cuda")
     net = build_model("llama3.1-8b:random", args.layers, CONFIGS["dense-chunked-int4"], 32, 0, "cuda")
     enable_chunked_prefill(net, 8192)
     ids = torch.randint(0, net.config.vocab_size, (1, args.tokens), device="cuda")
