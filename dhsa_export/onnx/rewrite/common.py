@@ -174,7 +174,8 @@ def check_causal_mask(graph: Graph, mask: str, *, exact: bool = True, lengths=(7
     """Raise :class:`NoMatch` unless ``mask`` is a causal mask for an unpadded prompt.
 
     The mask's subgraph is cut out and run in ONNX Runtime for prompts of ``lengths`` tokens
-    (integer inputs: ids 0, attention masks 1, position ids 0..L-1). A boolean mask allows where
+    (integer inputs: ids 0, attention masks 1, position ids 0..L-1; float inputs random, twice with
+    different values: a mask that depends on them is refused). A boolean mask allows where
     True; an additive mask allows where 0 and blocks at or below -1e4 (any other value is a bias
     the sparse kernel cannot add). ``exact``: the allowed set must be the causal triangle; else it
     must contain it (a mask combined with the op's own causal flag).
@@ -194,6 +195,8 @@ def check_causal_mask(graph: Graph, mask: str, *, exact: bool = True, lengths=(7
 def _check_causal(graph: Graph, mask: str, exact: bool, lengths) -> None:
     for length in lengths:
         value = evaluate(graph, mask, length)
+        if length == lengths[0] and not np.array_equal(value, evaluate(graph, mask, length, seed=1)):
+            raise NoMatch(f"mask {mask!r} depends on the values of a float graph input")
         if value.ndim < 2 or value.shape[-1] != value.shape[-2]:
             raise NoMatch(f"mask {mask!r} has shape {list(value.shape)} for a prompt of {length} tokens, not "
                           "[..., L, L] (a graph with past keys is not a prefill graph)")
@@ -215,7 +218,7 @@ def _check_causal(graph: Graph, mask: str, exact: bool, lengths) -> None:
             raise NoMatch(f"mask {mask!r} blocks keys inside the causal window (prompt of {length} tokens)")
 
 
-def evaluate(graph: Graph, tensor: str, length: int) -> np.ndarray:
+def evaluate(graph: Graph, tensor: str, length: int, seed: int = 0) -> np.ndarray:
     """Run the subgraph that computes ``tensor`` from the graph inputs for a prompt of ``length``."""
     import onnxruntime as ort
 
@@ -239,7 +242,8 @@ def evaluate(graph: Graph, tensor: str, length: int) -> np.ndarray:
     output = helper.make_tensor_value_info(tensor, info.elem_type, None)
     model = helper.make_model(helper.make_graph(nodes, "mask", list(inputs), [output], initializers),
                               opset_imports=list(graph.model.opset_import), ir_version=graph.model.ir_version)
-    feeds = {i.name: _sample_input(i, length) for i in inputs}
+    rng = np.random.default_rng(seed)
+    feeds = {i.name: _sample_input(i, length, rng) for i in inputs}
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -251,17 +255,20 @@ def evaluate(graph: Graph, tensor: str, length: int) -> np.ndarray:
 
 
 _INT_TYPES = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32}
+_FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 
 
-def _sample_input(value_info, length: int) -> np.ndarray:
+def _sample_input(value_info, length: int, rng: np.random.Generator) -> np.ndarray:
     tensor_type = value_info.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (1 if axis == 0 else length)
             for axis, d in enumerate(tensor_type.shape.dim)]
     name = value_info.name.lower()
     if tensor_type.elem_type == TensorProto.BOOL:
         return np.ones(dims, dtype=bool)
+    if tensor_type.elem_type in _FLOAT_TYPES:
+        return rng.standard_normal(dims).astype(_FLOAT_TYPES[tensor_type.elem_type])
     if tensor_type.elem_type not in _INT_TYPES:
-        raise NoMatch(f"the mask depends on the non-integer graph input {value_info.name!r}")
+        raise NoMatch(f"the mask depends on graph input {value_info.name!r} of an unsupported type")
     dtype = _INT_TYPES[tensor_type.elem_type]
     if "position" in name:
         return np.broadcast_to(np.arange(dims[-1], dtype=dtype), dims).copy()
