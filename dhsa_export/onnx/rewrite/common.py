@@ -17,7 +17,6 @@ from ...config import DHSAConfig
 from ..registry import BLOCK_SPARSE_ATTENTION, ROUTE, attention_attributes, route_attributes
 from .graph import Graph, NoMatch
 
-FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 MASKED = -1.0e4  # additive mask entries at or below this count as "blocked"
 
 

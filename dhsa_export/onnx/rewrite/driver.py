@@ -20,6 +20,7 @@ import onnx
 
 from ...config import DHSAConfig
 from ...errors import DHSAError
+from ..registry import BLOCK_SPARSE_ATTENTION
 from .common import Rule, RuleResult
 from .graph import Graph, validation_error
 from .group_query_attention import GroupQueryAttentionRule
@@ -87,7 +88,9 @@ def rewrite_model(model_or_path, out_path: str | os.PathLike | None, cfg: DHSACo
     results = [rule.run(graph, cfg) for rule in rules]
     report = RewriteReport(source, None, results, external_data=external)
     if report.total == 0:
-        raise DHSAError(f"no attention to rewrite in {source}: tried {report.tried()}")
+        done = len(graph.find(BLOCK_SPARSE_ATTENTION.name, BLOCK_SPARSE_ATTENTION.domain))
+        hint = f" (it already holds {done} {BLOCK_SPARSE_ATTENTION.qualified_name} nodes)" if done else ""
+        raise DHSAError(f"no attention to rewrite in {source}{hint}: tried {report.tried()}")
     report.dropped_inputs = graph.finish()
     if input_error is None:  # a foreign graph the checker already rejects (e.g. ORT-only ops) is not re-checked
         output_error = validation_error(model)

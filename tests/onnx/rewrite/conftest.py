@@ -107,13 +107,14 @@ def build_genai(hf_dir: Path, out_dir: Path, *, fuse_qkv: bool = True, rotary_in
     return out_dir / "model.onnx"
 
 
-def run_ort(path, input_ids: np.ndarray, extra_feeds: dict | None = None) -> dict[str, np.ndarray]:
-    """All outputs of ``path`` in ONNX Runtime with the dhsa library; inputs the graph still has are fed
-    for an unpadded prompt (position ids 0..L-1, attention mask ones, empty past)."""
+def run_ort(path, input_ids: np.ndarray | None = None, extra_feeds: dict | None = None) -> dict[str, np.ndarray]:
+    """All outputs of ``path`` in ONNX Runtime with the dhsa library. A decoder's other inputs are fed
+    for an unpadded prompt of ``input_ids`` (position ids 0..L-1, attention mask ones, empty past);
+    ``extra_feeds`` are fed as given."""
     from dhsa_export.backends.ort_cpu import make_session
 
     session = make_session(str(path), threads=2)
-    length = input_ids.shape[1]
+    length = 0 if input_ids is None else input_ids.shape[1]
     feeds = {}
     for port in session.get_inputs():
         if port.name == "input_ids":

@@ -143,8 +143,8 @@ def test_rotary_layouts_match_onnxruntime(tmp_path, head_size, rotary_dim, inter
     report = rewrite_model(tmp_path / "gqa.onnx", tmp_path / "dhsa.onnx", DENSE_CFG)
     assert report.counts() == counts(group_query_attention=1)
     empty = np.zeros((1, kv_heads, 0, head_size), np.float32)
-    want = run_ort(tmp_path / "gqa.onnx", qkv[:, :0, :0], {
+    want = run_ort(tmp_path / "gqa.onnx", None, {
         "qkv": qkv, "past_key": empty, "past_value": empty,
         "seqlens_k": np.array([qkv.shape[1] - 1], np.int32), "total_length": np.array(qkv.shape[1], np.int32)})
-    got = run_ort(report.output, qkv[:, :0, :0], {"qkv": qkv})
+    got = run_ort(report.output, None, {"qkv": qkv})
     assert max(max_error(got[k], want[k]) for k in want) < ATOL
