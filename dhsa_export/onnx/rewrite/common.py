@@ -40,9 +40,10 @@ class Rule:
 
     name = ""
     pattern = ""  # one line naming the foreign pattern, used in reports and errors
+    anchor: tuple[str, str] = ("", "")  # (op_type, domain) of the node each candidate match starts from
 
     def anchors(self, graph: Graph) -> list[onnx.NodeProto]:
-        raise NotImplementedError
+        return graph.find(*self.anchor)
 
     def check(self, graph: Graph, node: onnx.NodeProto, cfg: DHSAConfig):
         raise NotImplementedError
@@ -137,6 +138,13 @@ def unexpanded_kv(graph: Graph, tensor: str) -> str:
     if graph.rank(source) != 4 or graph.rank(tensor) != 4 or not heads or not expanded or expanded % heads:
         return tensor
     return source
+
+
+def refuse_unknown_attributes(node: onnx.NodeProto, known: set[str], where: str) -> None:
+    """A foreign op may grow attributes that change its meaning: refuse any the rule does not know."""
+    unknown = sorted({a.name for a in node.attribute} - known)
+    if unknown:
+        raise NoMatch(f"{where}: unknown attributes {unknown}")
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import onnx
 
 from ...config import DHSAConfig
-from .common import Rule, attribute, check_heads, emit_dhsa_attention, merge_heads, split, to_bnsh, unsqueeze
+from .common import Rule, attribute, check_heads, emit_dhsa_attention, merge_heads, refuse_unknown_attributes
+from .common import split, to_bnsh, unsqueeze
 from .graph import Graph, NoMatch
 
 DOMAIN = "com.microsoft"
@@ -56,15 +57,12 @@ class Plan:
 class GroupQueryAttentionRule(Rule):
     name = "group_query_attention"
     pattern = "com.microsoft.GroupQueryAttention (packed or separate QKV, rotary inside or outside)"
+    anchor = ("GroupQueryAttention", DOMAIN)
 
-    def anchors(self, graph: Graph):
-        return graph.find("GroupQueryAttention", DOMAIN)
 
     def check(self, graph: Graph, node: onnx.NodeProto, cfg: DHSAConfig) -> Plan:
         where = f"GroupQueryAttention {node.name!r}"
-        unknown = sorted({a.name for a in node.attribute} - KNOWN_ATTRIBUTES)
-        if unknown:
-            raise NoMatch(f"{where}: unknown attributes {unknown}")
+        refuse_unknown_attributes(node, KNOWN_ATTRIBUTES, where)
         softcap = float(attribute(node, "softcap", 0.0))
         if softcap != 0.0:
             raise NoMatch(f"{where}: softcap {softcap} is not supported (the sparse kernel has none)")

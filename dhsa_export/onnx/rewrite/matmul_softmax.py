@@ -45,9 +45,8 @@ class Plan:
 class MatMulSoftmaxRule(Rule):
     name = "matmul_softmax"
     pattern = "MatMul/(scale)/causal mask (Add or Where)/Softmax/MatMul"
+    anchor = ("Softmax", "")
 
-    def anchors(self, graph: Graph):
-        return graph.find("Softmax")
 
     def check(self, graph: Graph, node: onnx.NodeProto, cfg: DHSAConfig) -> Plan:
         where = f"Softmax {node.name!r}"

@@ -22,6 +22,7 @@ import onnx
 
 from ...config import DHSAConfig
 from .common import Rule, attribute, check_causal_mask, check_heads, emit_dhsa_attention, merge_heads
+from .common import refuse_unknown_attributes
 from .common import split_heads, unexpanded_kv
 from .graph import Graph, NoMatch
 
@@ -44,17 +45,14 @@ class Plan:
 class OnnxAttentionRule(Rule):
     name = "onnx_attention"
     pattern = "ONNX Attention (opset 23+), causal, no KV cache"
+    anchor = ("Attention", "")
 
-    def anchors(self, graph: Graph):
-        return graph.find("Attention")
 
     def check(self, graph: Graph, node: onnx.NodeProto, cfg: DHSAConfig) -> Plan:
         where = f"Attention {node.name!r}"
         inputs = list(node.input) + [""] * (7 - len(node.input))
         query, key, value, mask, past_key, past_value, nonpad = inputs[:7]
-        unknown = sorted({a.name for a in node.attribute} - KNOWN_ATTRIBUTES)
-        if unknown:
-            raise NoMatch(f"{where}: unknown attributes {unknown}")
+        refuse_unknown_attributes(node, KNOWN_ATTRIBUTES, where)
         if past_key or past_value:
             raise NoMatch(f"{where}: has KV cache inputs (past_key/past_value); rewrite a graph without past")
         if nonpad:
