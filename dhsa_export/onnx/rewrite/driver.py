@@ -1,7 +1,7 @@
 """``rewrite_model``: run every rule over a foreign dense decoder and write the DHSA prefill graph.
 
 Loading keeps external data working (tensors are read from beside the input; a model that had
-external data, or whose weights exceed the 2 GB protobuf limit, is saved with one external data
+external data, or whose weights pass half the 2 GB protobuf limit, is saved with one external data
 file ``OUT.onnx.data``). The result is checked (ONNX checker and strict shape inference, whenever
 the input passes them; the builder's graphs use ORT-only ops the checker rejects), written into a
 temporary folder beside the output and renamed into place only then, so a failure leaves no
