@@ -58,7 +58,7 @@ class MatMulSoftmaxRule(Rule):
             raise NoMatch(f"{where}: axis {axis} is not the last axis")
         output_node = self._probabilities_consumer(graph, node, where)
         masked, factor = peel_scale(graph, node.input[0])
-        scores, mask_factor = self._unmask(graph, masked, where)
+        scores = self._unmask(graph, masked, where)
         scores, score_factor = peel_scale(graph, scores)
         matmul = graph.producer(scores, "MatMul")
         if matmul is None:
@@ -77,7 +77,7 @@ class MatMulSoftmaxRule(Rule):
         if graph.static_dim(value, 1) != kv_heads:
             raise NoMatch(f"{where}: key and value have different head counts")
         query_heads, kv_heads = check_heads(graph.static_dim(query, 1), kv_heads, where)
-        scale = factor * mask_factor * score_factor * query_factor * key_factor
+        scale = factor * score_factor * query_factor * key_factor
         if scale <= 0:
             raise NoMatch(f"{where}: softmax scale {scale} is not positive")
         return Plan(output_node, query, key, transposed, value, query_heads, kv_heads, scale)
@@ -101,8 +101,8 @@ class MatMulSoftmaxRule(Rule):
         return users[0]
 
     @staticmethod
-    def _unmask(graph: Graph, masked: str, where: str) -> tuple[str, float]:
-        """(scores, scale applied before the mask) after checking the mask is causal."""
+    def _unmask(graph: Graph, masked: str, where: str) -> str:
+        """The scores under the mask, after checking the mask is causal."""
         node = graph.producer(masked)
         if node is not None and node.op_type == "Add":
             sides = [peel_scale(graph, name) for name in node.input]
@@ -111,13 +111,13 @@ class MatMulSoftmaxRule(Rule):
                 raise NoMatch(f"{where}: cannot tell the scores from the mask in Add {node.name!r}")
             index = from_matmul.index(True)
             check_causal_mask(graph, node.input[1 - index], exact=True)
-            return node.input[index], 1.0
+            return node.input[index]
         if node is not None and node.op_type == "Where":
             fill = graph.scalar(node.input[2])
             if fill is None or fill > MASKED:
                 raise NoMatch(f"{where}: Where {node.name!r} does not fill blocked scores with -inf")
             check_causal_mask(graph, node.input[0], exact=True)
-            return node.input[1], 1.0
+            return node.input[1]
         raise NoMatch(f"{where}: no causal mask on the scores (bidirectional attention is not rewritten)")
 
     def rewrite(self, graph: Graph, plan: Plan, cfg: DHSAConfig) -> None:
