@@ -233,6 +233,29 @@ def build(model_spec, layers, attention, pattern, density, q_block, k_block, hea
 
 
 @main.command()
+@click.argument("input_path", metavar="IN.onnx")
+@click.argument("output_path", metavar="OUT.onnx")
+@dhsa_options
+@click.option("--verbose", is_flag=True, help="Also list every candidate a rule left alone, with the reason.")
+@user_errors
+def rewrite(input_path, output_path, attention, pattern, density, q_block, k_block, head_routing,
+            boundary_predictor, verbose) -> None:
+    """Rewrite a foreign dense ONNX decoder (torch.onnx, onnxruntime-genai builder) into the DHSA prefill graph."""
+    if attention != "dhsa":
+        raise DHSAError("rewrite produces DHSA prefill graphs; drop --attention dense")
+    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor)
+    from .onnx.rewrite import rewrite_model
+
+    report = rewrite_model(input_path, output_path, cfg)
+    for line in report.lines(verbose):
+        click.echo(line)
+    if report.dropped_inputs:
+        click.echo(f"inputs no longer used (prefill has no past): {', '.join(report.dropped_inputs)}")
+    data = f" (+ {report.output.name}.data)" if report.external_data else ""
+    click.echo(f"wrote {report.output}{data}: {report.total} attention layers rewritten")
+
+
+@main.command()
 @click.argument("artifact", metavar="DIR")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), default=None, help="Read the prompt from a file.")
