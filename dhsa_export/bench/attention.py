@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import sys
 import time
 
 import torch
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from ..config import DHSAConfig
 from ..errors import DHSAError
-from .timing import emit_result, median_ms
+from .timing import median_ms, run_and_emit
 
 SHAPES = {
     # name: (query heads, kv heads, head_dim)
@@ -293,17 +292,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
-    try:
-        result = bench_attention(
+    return run_and_emit(
+        lambda: bench_attention(
             [int(t) for t in args.tokens.split(",")], shape=args.shape, density=args.density,
             pattern=args.pattern, warmup=args.warmup, repeats=args.repeats, flex=not args.no_flex,
             sdpa=not args.no_sdpa, variants=tuple(args.variants.split(",")),
-        )
-    except DHSAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    emit_result(result, args.json, markdown_table)
-    return 0
+        ),
+        args.json, markdown_table)
 
 
 def markdown_table(rows: list[dict]) -> str:

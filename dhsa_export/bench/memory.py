@@ -37,17 +37,17 @@ import argparse
 import gc
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import DHSAConfig
 from ..errors import DHSAError
 from ..hf.chunked import DEFAULT_CHUNK_TOKENS, check_chunk_tokens, decode_step, enable_chunked_prefill, prefill
 from ..hf.int4 import check_block_size
-from .timing import emit_result, median_ms, time_call_ms
+from .timing import median_ms, run_and_emit, time_call_ms
 
 ALLOCATOR_SETTINGS = "expandable_segments:True"
 
@@ -306,7 +306,8 @@ TORCH_INT4_OPS = ("_weight_int4pack_mm", "_convert_weight_to_int4pack", "_weight
 
 def probe_torch_int4(device, rows: int = 14336, cols: int = 4096, block_size: int = 32) -> dict:
     """Whether torch's own int4 matmul (tinygemm) runs here on our packing, and how one decode-sized
-    product (one token against a ``[rows, cols]`` weight) compares with dequantize + matmul.
+    product (one token against a ``[rows, cols]`` weight) compares with dequantize + matmul and
+    with :class:`dhsa_export.hf.int4.Int4Linear` (the Triton kernel on CUDA).
 
     Information for the report only: the benchmark always uses dequantize + matmul (see
     :mod:`dhsa_export.hf.int4` for why).
@@ -332,8 +333,10 @@ def probe_torch_int4(device, rows: int = 14336, cols: int = 4096, block_size: in
         info["tinygemm_ms"] = round(median_ms(fused, 3, 20), 4)
     except Exception as exc:  # noqa: BLE001 - a missing kernel is the answer, not a failure
         info["tinygemm_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    info["dequant_matmul_ms"] = round(median_ms(lambda: layer(x), 3, 20), 4)
-    info["dequant_rel_err"] = float((layer(x).float() - want).norm() / want.norm())
+    dequantized = lambda: F.linear(x, dequantize_int4(weight, x.dtype))  # noqa: E731
+    info["dequant_matmul_ms"] = round(median_ms(dequantized, 3, 20), 4)
+    info["int4_linear_ms"] = round(median_ms(lambda: layer(x), 3, 20), 4)  # the Triton kernel when on
+    info["int4_linear_rel_err"] = float((layer(x).float() - want).norm() / want.norm())
     info["shape"] = [rows, cols]
     return info
 
@@ -401,15 +404,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the result here (and print a table)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_SETTINGS)  # before CUDA starts
-    try:
-        result = bench_memory(args.model, args.layers, args.tokens, args.decode_tokens, args.budget_gib,
-                              parse_configs(args.configs), args.chunk_tokens, args.int4_block_size,
-                              args.density, args.pattern, int4=args.int4)
-    except DHSAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    emit_result(result, args.json, markdown_table)
-    return 0
+    return run_and_emit(
+        lambda: bench_memory(args.model, args.layers, args.tokens, args.decode_tokens, args.budget_gib,
+                             parse_configs(args.configs), args.chunk_tokens, args.int4_block_size,
+                             args.density, args.pattern, int4=args.int4),
+        args.json, markdown_table)
 
 
 if __name__ == "__main__":

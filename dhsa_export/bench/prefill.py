@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from ..config import DHSAConfig
 from ..errors import DHSAError
 from .attention import machine_info
-from .timing import emit_result, event_times_ms
+from .timing import event_times_ms, run_and_emit
 
 
 def build_random_model(model: str, layers: int | None, dtype: torch.dtype, device: str = "cuda"):
@@ -158,14 +157,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="write the result here (and print a table)")
     args = parser.parse_args(argv)
-    try:
-        result = bench_prefill(args.model, args.layers, [int(t) for t in args.tokens.split(",")],
-                               args.density, args.pattern, args.warmup, args.repeats)
-    except DHSAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    emit_result(result, args.json, markdown_table)
-    return 0
+    return run_and_emit(
+        lambda: bench_prefill(args.model, args.layers, [int(t) for t in args.tokens.split(",")],
+                              args.density, args.pattern, args.warmup, args.repeats),
+        args.json, markdown_table)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -54,3 +55,18 @@ def emit_result(result: dict, json_path: str | None, markdown_table: Callable[[l
         print(markdown_table(result["rows"]))
     else:
         print(text)
+
+
+def run_and_emit(compute: Callable[[], dict], json_path: str | None,
+                 markdown_table: Callable[[list[dict]], str]) -> int:
+    """A benchmark's command-line end: run ``compute``, emit its result; a :class:`DHSAError` is one
+    ``error:`` line on stderr and exit status 2."""
+    from ..errors import DHSAError
+
+    try:
+        result = compute()
+    except DHSAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    emit_result(result, json_path, markdown_table)
+    return 0

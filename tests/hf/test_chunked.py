@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from dhsa_export import DHSAConfig, DHSAError
 from dhsa_export.hf.attention import enable_dhsa
@@ -21,15 +20,7 @@ from dhsa_export.hf.chunked import (
 )
 from dhsa_export.hf.int4 import quantize_model
 
-SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096)
-
-
-def tiny_model(model_type: str = "llama"):
-    extra = {"sliding_window": None} if model_type == "mistral" else {}
-    config = AutoConfig.for_model(model_type, **SMALL, **extra)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+from .tiny import tiny_model
 
 
 def prefill_and_decode(model, ids, steps: int = 3) -> list[torch.Tensor]:

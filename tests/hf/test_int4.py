@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from dhsa_export import DHSAError
 from dhsa_export.hf import int4
@@ -20,14 +20,7 @@ from dhsa_export.hf.int4 import (
     quantize_model,
 )
 
-SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096)
-
-
-def tiny_model(model_type: str = "llama", **extra):
-    config = AutoConfig.for_model(model_type, **{**SMALL, **extra})
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+from .tiny import tiny_config, tiny_model
 
 
 def rel(a, b) -> float:
@@ -144,7 +137,7 @@ def test_tied_embeddings_share_one_packed_copy():
 
 @pytest.mark.parametrize("model_type,tied", [("llama", False), ("llama", True), ("qwen2", False)])
 def test_materialize_from_meta_builds_a_seeded_int4_model(model_type, tied):
-    config = AutoConfig.for_model(model_type, **SMALL, tie_word_embeddings=tied)
+    config = tiny_config(model_type, tie_word_embeddings=tied)
 
     def build(seed):
         with torch.device("meta"):
