@@ -69,22 +69,19 @@ def sparse_attention_nodes(query, key, value, cfg: DHSAConfig, scale: float) -> 
     """``dhsa::Route`` + ``dhsa::BlockSparseAttention`` while exporting; the reference otherwise."""
     if not torch.onnx.is_in_onnx_export():
         return dhsa_attention(query, key, value, cfg, scale)
-    batch, heads, q_len, _ = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
-    route_attrs = route_attributes(cfg, heads, kv_heads)
-    routing_heads = heads // route_attrs["head_group"]
-    q_blocks = (q_len + cfg.q_block - 1) // cfg.q_block
-    chunks = (k_len + cfg.k_block - 1) // cfg.k_block
+    route_attrs = route_attributes(cfg, query.shape[1], key.shape[1])
     block_index, block_count = torch.onnx.ops.symbolic_multi_out(
         ROUTE.qualified_name, (query, key), route_attrs,
         dtypes=(torch.int32, torch.int32),
-        shapes=((batch, routing_heads, q_blocks, chunks), (batch, routing_heads, q_blocks)),
+        shapes=ROUTE.output_shapes(route_attrs, tuple(query.shape), tuple(key.shape)),
         version=ROUTE.version,
     )
+    attention_attrs = attention_attributes(cfg, scale)
+    (output_shape,) = BLOCK_SPARSE_ATTENTION.output_shapes(
+        attention_attrs, tuple(query.shape), tuple(key.shape), tuple(value.shape))
     return torch.onnx.ops.symbolic(
         BLOCK_SPARSE_ATTENTION.qualified_name, (query, key, value, block_index, block_count),
-        attention_attributes(cfg, scale), dtype=query.dtype,
-        shape=(batch, heads, q_len, value.shape[-1]), version=BLOCK_SPARSE_ATTENTION.version,
+        attention_attrs, dtype=query.dtype, shape=output_shape, version=BLOCK_SPARSE_ATTENTION.version,
     )
 
 

@@ -74,6 +74,38 @@ class OpSpec:
     def defaults(self) -> dict:
         return {a.name: a.default for a in self.attributes}
 
+    def output_shapes(self, attrs: dict, *input_shapes) -> tuple:
+        """Output shapes from input shapes and attributes (dims: int, symbolic or None)."""
+        return self.infer_shapes(attrs, *input_shapes)
+
+
+# ------------------------------------------------------------------------------- shape inference
+# Dims are ints, symbolic sizes (torch SymInt while exporting) or None (unknown to the rewriter);
+# the exporter, the rewriter's value_info and the native kernels' output shapes all follow these.
+
+
+def _ceil_div(size, block: int):
+    return None if size is None else (size + block - 1) // block
+
+
+def _route_shapes(attrs: dict, query: tuple, key: tuple, key_chunk_offsets: tuple | None = None) -> tuple:
+    """block_index [B, Hr, nQ, nC] and block_count [B, Hr, nQ]; nC = offsets width - 1 with variable
+    chunks, else ceil(Lk / k_block)."""
+    values = {**{a.name: a.default for a in ROUTE_ATTRIBUTES}, **attrs}
+    batch, heads, q_len, _ = query
+    routing_heads = None if heads is None else heads // int(values["head_group"])
+    q_blocks = _ceil_div(q_len, int(values["q_block"]))
+    if key_chunk_offsets is not None:
+        chunks = None if key_chunk_offsets[1] is None else key_chunk_offsets[1] - 1
+    else:
+        chunks = _ceil_div(key[2], int(values["k_block"]))
+    return (batch, routing_heads, q_blocks, chunks), (batch, routing_heads, q_blocks)
+
+
+def _attention_shapes(attrs: dict, query: tuple, key: tuple, value: tuple, *index_count_offsets) -> tuple:
+    """output [B, Hq, Lq, Dv]."""
+    return ((query[0], query[1], query[2], value[3]),)
+
 
 FLOAT_TYPES = ("float32", "float16", "bfloat16")
 _DEFAULT = DHSAConfig()
@@ -81,6 +113,17 @@ _DEFAULT = DHSAConfig()
 BLOCK_ATTRIBUTES = (
     Attribute("q_block", "int", _DEFAULT.q_block, "query block size in tokens"),
     Attribute("k_block", "int", _DEFAULT.k_block, "key block size (fixed chunks) in tokens"),
+)
+
+ROUTE_ATTRIBUTES = BLOCK_ATTRIBUTES + (
+    Attribute("pattern", "string", _DEFAULT.pattern, "topk | ashape | vslash | vslash_blockwise | dynamic"),
+    Attribute("density", "float", _DEFAULT.density, "budget as a fraction of the full key range"),
+    Attribute("head_group", "int", 1, "query heads per routing head (1 = per head)"),
+    Attribute("sink_tokens", "int", _DEFAULT.sink_tokens, "keys always attended at the start"),
+    Attribute("local_tokens", "int", _DEFAULT.local_tokens, "local window (ashape, dynamic)"),
+    Attribute("instruction_tokens", "int", _DEFAULT.instruction_tokens, "last queries dense (dynamic)"),
+    Attribute("vslash_blockwise_above", "int", _DEFAULT.vslash_blockwise_above,
+              "key length from which vslash uses the blockwise estimate"),
 )
 
 ROUTE = OpSpec(
@@ -94,16 +137,8 @@ ROUTE = OpSpec(
         Port("block_index", ("int32",), 4, "[B, Hr, nQ, nC] ascending, -1 padded"),
         Port("block_count", ("int32",), 3, "[B, Hr, nQ]"),
     ),
-    attributes=BLOCK_ATTRIBUTES + (
-        Attribute("pattern", "string", _DEFAULT.pattern, "topk | ashape | vslash | vslash_blockwise | dynamic"),
-        Attribute("density", "float", _DEFAULT.density, "budget as a fraction of the full key range"),
-        Attribute("head_group", "int", 1, "query heads per routing head (1 = per head)"),
-        Attribute("sink_tokens", "int", _DEFAULT.sink_tokens, "keys always attended at the start"),
-        Attribute("local_tokens", "int", _DEFAULT.local_tokens, "local window (ashape, dynamic)"),
-        Attribute("instruction_tokens", "int", _DEFAULT.instruction_tokens, "last queries dense (dynamic)"),
-        Attribute("vslash_blockwise_above", "int", _DEFAULT.vslash_blockwise_above,
-                  "key length from which vslash uses the blockwise estimate"),
-    ),
+    attributes=ROUTE_ATTRIBUTES,
+    infer_shapes=_route_shapes,
     doc="Chunk selection per routing head and query block.",
 )
 
@@ -123,6 +158,7 @@ BLOCK_SPARSE_ATTENTION = OpSpec(
         Attribute("causal", "int", 1, "mask keys after each query's position"),
     ),
     doc="Exact attention restricted to the selected chunks.",
+    infer_shapes=_attention_shapes,
 )
 
 OPS: dict[str, OpSpec] = {op.name: op for op in (ROUTE, BLOCK_SPARSE_ATTENTION)}

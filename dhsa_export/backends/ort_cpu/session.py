@@ -52,6 +52,21 @@ def make_session(model: Any, threads: int | None = None, *, library: str | Path 
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def run_standard_ops(model: Any, outputs: list[str], feeds: dict) -> list:
+    """Run a graph of standard (and com.microsoft) ops only, quietly, without the dhsa library.
+
+    The rewriter evaluates foreign mask subgraphs with it; ONNX Runtime stays inside this package.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return session.run(outputs, feeds)
+
+
 def _load(lib: Path) -> ctypes.CDLL:
     handle = ctypes.CDLL(str(lib))
     for name in ("dhsa_ort_contract_json", "dhsa_ort_kernel_isa", "dhsa_ort_version"):

@@ -72,7 +72,7 @@ def emit_dhsa_attention(graph: Graph, query: str, key: str, value: str, output: 
     """``Route(query, key)`` then ``BlockSparseAttention(query, key, value, index, count) -> output``.
 
     query ``[B, Hq, L, D]``, key/value ``[B, Hkv, L, D]`` of element type ``dtype``; ``scale`` 0
-    means 1/sqrt(D). The outputs get value_info (types and known dims from the registry's ports),
+    means 1/sqrt(D). The outputs get value_info (types and the dims the registry's shape inference knows),
     so ONNX shape inference can continue through the custom nodes.
     """
     graph.ensure_opset(ROUTE.domain, ROUTE.version)
@@ -83,12 +83,13 @@ def emit_dhsa_attention(graph: Graph, query: str, key: str, value: str, output: 
     graph.add_node(BLOCK_SPARSE_ATTENTION.name, [query, key, value, index, count], [output],
                    domain=BLOCK_SPARSE_ATTENTION.domain, name=f"{prefix}/BlockSparseAttention",
                    **attention_attributes(cfg, scale))
-    routing_heads = query_heads // attrs["head_group"]
-    index_port, count_port = ROUTE.outputs
-    graph.declare(index, TensorProto.INT32, [None, routing_heads, None, None][: index_port.rank])
-    graph.declare(count, TensorProto.INT32, [None, routing_heads, None][: count_port.rank])
+    query_shape, key_shape = (None, query_heads, None, None), (None, kv_heads, None, None)
+    index_shape, count_shape = ROUTE.output_shapes(attrs, query_shape, key_shape)
+    graph.declare(index, TensorProto.INT32, list(index_shape))
+    graph.declare(count, TensorProto.INT32, list(count_shape))
     if dtype is not None:
-        graph.declare(output, dtype, [None, query_heads, None, None][: BLOCK_SPARSE_ATTENTION.outputs[0].rank])
+        (output_shape,) = BLOCK_SPARSE_ATTENTION.output_shapes({}, query_shape, key_shape, key_shape)
+        graph.declare(output, dtype, list(output_shape))
 
 
 def check_heads(query_heads, kv_heads, where: str) -> tuple[int, int]:
@@ -227,7 +228,7 @@ def _check_causal(graph: Graph, mask: str, exact: bool, lengths) -> None:
 
 def evaluate(graph: Graph, tensor: str, length: int, seed: int = 0) -> np.ndarray:
     """Run the subgraph that computes ``tensor`` from the graph inputs for a prompt of ``length``."""
-    import onnxruntime as ort
+    from ...backends.ort_cpu.session import run_standard_ops
 
     needed, inputs, stack = set(), [], [tensor]
     graph_inputs = {i.name: i for i in graph.graph.input}
@@ -251,11 +252,8 @@ def evaluate(graph: Graph, tensor: str, length: int, seed: int = 0) -> np.ndarra
                               opset_imports=list(graph.model.opset_import), ir_version=graph.model.ir_version)
     rng = np.random.default_rng(seed)
     feeds = {i.name: _sample_input(i, length, rng) for i in inputs}
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return np.asarray(session.run([tensor], feeds)[0])
+        return np.asarray(run_standard_ops(model, [tensor], feeds)[0])
     except Exception as exc:  # noqa: BLE001 - any failure means the mask cannot be verified
         raise NoMatch(f"mask {tensor!r} could not be evaluated to verify it is causal: "
                       f"{str(exc).splitlines()[0][:200]}") from None
