@@ -423,6 +423,18 @@ def bench_memory_command(backend, model_spec, layers, tokens, decode_tokens, bud
 
 
 @main.command()
+@click.option("--sanitize", is_flag=True, help="Build the AddressSanitizer + UBSan variant instead.")
+@user_errors
+def setup(sanitize: bool) -> None:
+    """Install step for the native parts: fetch the pinned ONNX Runtime headers and compile the
+    custom-op library now (otherwise the first build or run does it)."""
+    from .backends.ort_cpu import build_library, kernel_isa
+
+    library = build_library(sanitize=sanitize)
+    click.echo(f"ONNX Runtime CPU custom-op library: {library} (kernels: {kernel_isa(library)})")
+
+
+@main.command()
 def models() -> None:
     """List the model recipes."""
     from .hf.recipes import DEFAULT_MODEL, load_recipe, recipe_names

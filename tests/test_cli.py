@@ -55,3 +55,13 @@ def test_bench_without_gpu_says_so(command):
         pytest.skip("a GPU is present")
     result = run("bench", command, "--tokens", "1024")
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.output
+
+
+def test_setup_builds_the_native_library():
+    from pathlib import Path
+
+    result = run("setup")
+    assert result.exit_code == 0, result.output
+    path = Path(result.output.split("library: ", 1)[1].split(" (kernels", 1)[0])
+    assert path.is_file() and path.name == "libdhsa_ort_cpu.so"
+    assert "kernels: " in result.output
