@@ -140,6 +140,17 @@ def sparse_attention_function(backend: str):
     raise DHSAError(f"unknown DHSA attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
+def routing_function(backend: str, routing_graphs=None):
+    """The per-sequence router of ``backend`` (signature of :func:`route`): eager ``route`` for
+    "reference"; for "torch-cuda", fixed-block routing replayed from CUDA graphs through
+    ``routing_graphs`` (a ``RoutingGraphCache``, None = the shared default, False = eager)."""
+    if backend != "torch-cuda":
+        return route
+    from ..backends.torch_cuda.ops import routing_function as cuda_routing_function
+
+    return cuda_routing_function(routing_graphs)
+
+
 def dhsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -150,6 +161,7 @@ def dhsa_attention(
     chunk_offsets: list[torch.Tensor | None] | None = None,
     stats: RoutingStats | None = None,
     backend: str = "reference",
+    routing_graphs=None,
 ) -> torch.Tensor:
     """DHSA for a batch: ``q [B, Hq, Lq, D]``, ``k/v [B, Hkv, Lk, D]`` -> ``[B, Hq, Lq, Dv]``.
 
@@ -161,6 +173,8 @@ def dhsa_attention(
         stats: collects the achieved causal-block fraction.
         backend: ``"reference"`` (any device) or ``"torch-cuda"`` (the CUDA kernel for the
             sparse attention; routing is the same torch code on the same device either way).
+        routing_graphs: "torch-cuda" only: where the unpadded sequences' fixed-block routing is
+            replayed from CUDA graphs (see :func:`routing_function`); the same selections.
 
     A single query (decode) is dense. Otherwise every sequence is routed on its real tokens:
     padded positions are dropped, the sparse attention runs, results are scattered back and
@@ -170,19 +184,24 @@ def dhsa_attention(
         mask = None if attention_mask is None else attention_mask.bool()
         return dense_attention(q, k, v, scale, mask)
     attend = sparse_attention_function(backend)
+    router = routing_function(backend, routing_graphs)
     outputs = []
     for b in range(q.shape[0]):
         offsets = chunk_offsets[b] if chunk_offsets is not None else None
         mask_b = None if attention_mask is None else attention_mask[b].bool().any(dim=0)
-        outputs.append(_sequence_attention(q[b], k[b], v[b], cfg, scale, mask_b, offsets, stats, attend))
+        outputs.append(_sequence_attention(q[b], k[b], v[b], cfg, scale, mask_b, offsets, stats, attend,
+                                           router))
     return outputs[0][None] if len(outputs) == 1 else torch.stack(outputs)
 
 
 def _sequence_attention(q, k, v, cfg, scale, mask, chunk_offsets, stats,
-                        attend=block_sparse_attention) -> torch.Tensor:
-    """One sequence; ``mask [Lq, Lk]`` (True = attend) or None for plain causal."""
+                        attend=block_sparse_attention, router=route) -> torch.Tensor:
+    """One sequence; ``mask [Lq, Lk]`` (True = attend) or None for plain causal.
+
+    ``router`` serves the plain causal case; padded sequences (whose real lengths differ from
+    call to call, so a graph per shape would rarely be replayed) route eagerly."""
     if mask is None:
-        selection = route(q, k, cfg, chunk_offsets)
+        selection = router(q, k, cfg, chunk_offsets)
         _record(stats, selection, cfg, k.shape[1])
         return attend(q, k, v, selection, scale)
     query_rows = mask.any(dim=1).nonzero().squeeze(1)

@@ -191,11 +191,16 @@ class Selection:
     """Chunks attended per routing head and query block for one sequence.
 
     ``mask`` is ``[Hr, nQ, nC]``; query head ``h`` uses routing head ``h // head_group``.
+    ``precomputed`` holds results computed together with the mask (a replayed routing graph,
+    see :mod:`dhsa_export.backends.torch_cuda.routing_graph`): ``("block_index", width)`` ->
+    ``(block_index, block_count)`` and ``"causal_block_fraction"`` -> 0-dim tensor. They are read,
+    never filled, by the methods below, so an eager selection computes them as before.
     """
 
     grid: BlockGrid
     mask: torch.Tensor
     head_group: int
+    precomputed: dict = field(default_factory=dict, compare=False, repr=False)
 
     def causal_block_fraction(self) -> float:
         """Share of the causal (query block, chunk) area that is computed, in [0, 1].
@@ -206,6 +211,8 @@ class Selection:
 
     def causal_block_fraction_tensor(self) -> torch.Tensor:
         """:meth:`causal_block_fraction` as a 0-dim tensor on the mask's device (no host sync)."""
+        if "causal_block_fraction" in self.precomputed:
+            return self.precomputed["causal_block_fraction"]
         area = self.grid.block_area() * self.grid.causal()
         selected = (self.mask.float() * area[None]).sum()
         total = area.sum() * self.mask.shape[0]
@@ -235,6 +242,8 @@ class Selection:
         (e.g. ``grid.num_chunks``, which always suffices, to keep a GPU stream free of syncs).
         Selected chunk ids are compacted by a prefix count of the mask (no sort).
         """
+        if ("block_index", width) in self.precomputed:
+            return self.precomputed[("block_index", width)]
         counts = self.mask.sum(-1)
         if width is None:
             width = max(1, int(counts.max()))

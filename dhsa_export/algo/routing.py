@@ -118,11 +118,9 @@ def vslash_dense_rows(grid: BlockGrid, cfg: DHSAConfig, key_length: int) -> torc
     """First ceil(budget_tokens / q_block) query blocks and the last query block are dense."""
     first = math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)
 
-    def make():
-        rows = torch.zeros(grid.num_q_blocks, dtype=torch.bool, device=grid.q_offsets.device)
-        rows[:first] = True
-        rows[-1] = True
-        return rows
+    def make():  # comparisons, not item assignment: a Python value assigned would be a host copy
+        blocks = torch.arange(grid.num_q_blocks, device=grid.q_offsets.device)
+        return (blocks < first) | (blocks == grid.num_q_blocks - 1)
 
     return grid.memo(("vslash_dense_rows", first), make)
 
@@ -335,6 +333,12 @@ PATTERN_FUNCTIONS = {
 }
 
 
+def fixed_grid(query_length: int, key_length: int, cfg: DHSAConfig, device) -> BlockGrid:
+    """The grid of every pattern but ``dynamic``: fixed ``k_block`` key blocks (no host sync)."""
+    chunk_offsets = fixed_offsets(key_length, cfg.k_block, device)
+    return BlockGrid.build(query_length, chunk_offsets, cfg.q_block, key_length, cfg.k_block)
+
+
 def route(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -348,8 +352,7 @@ def route(
     """
     pattern = cfg.effective_pattern(k.shape[1])
     if pattern != "dynamic" or chunk_offsets is None:
-        chunk_offsets = fixed_offsets(k.shape[1], cfg.k_block, q.device)
-        grid = BlockGrid.build(q.shape[1], chunk_offsets, cfg.q_block, k.shape[1], cfg.k_block)
+        grid = fixed_grid(q.shape[1], k.shape[1], cfg, q.device)
     else:
         grid = BlockGrid.build(q.shape[1], chunk_offsets.to(q.device), cfg.q_block)
     head_group = routing_heads(q.shape[0], k.shape[0], cfg)

@@ -3,11 +3,15 @@
 One attention layer, batch 1, bf16, causal prefill, random inputs. Times are CUDA-event medians of
 ``repeats`` runs after ``warmup`` runs:
 
-- ``routing_ms``: :func:`dhsa_export.algo.routing.route` on the GPU tensors + conversion to the op's
-  ``block_index`` / ``block_count`` (no host synchronization on the fixed-block patterns: the time
-  is the GPU work, or the launch time where that is longer);
+- ``routing_ms``: routing as the torch-cuda backend runs it (:func:`route_batch`: fixed-block
+  patterns replayed from a CUDA graph, :mod:`dhsa_export.backends.torch_cuda.routing_graph`, up to
+  its token limit) + conversion to the op's ``block_index`` / ``block_count``;
+  ``routing_eager_ms``: the same with eager :func:`dhsa_export.algo.routing.route` (no host
+  synchronization on the fixed-block patterns: the time is the GPU work, or the launch time where
+  that is longer); ``graph_vs_eager_mask_diff`` counts mask entries where the two differ (0);
+  ``routing_graph``: what the graph cache held (entries, MiB, replays);
 - ``attention_ms``: the CUDA kernel (index validation + attention) given those indices;
-- ``dhsa_ms = routing_ms + attention_ms``;
+- ``dhsa_ms = routing_ms + attention_ms`` (``dhsa_eager_routing_ms`` with the eager routing);
 - ``sdpa_ms``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)``;
 - ``flex_ms``: compiled ``flex_attention`` given the SAME selection as a 128 x 128 BlockMask (Flex's
   default tiles): a 128-key block is visited if any of its four 32-key chunks is selected; it is a
@@ -174,12 +178,7 @@ def bench_attention(tokens: list[int], shape: str = "llama3.1-8b", density: floa
         raise DHSAError("bench_attention needs a CUDA GPU; run it on the GPU machine (tools/gpu/run_bench.sh)")
     if shape not in SHAPES:
         raise DHSAError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
-    from ..backends.torch_cuda import launch, raise_on_error_flag, route_batch, selections_to_indices
-    from ..backends.torch_cuda.library import VARIANTS
-
-    hq, hkv, d = SHAPES[shape]
     cfg = DHSAConfig(density=density, pattern=pattern)
-    device = torch.device("cuda")
     flex_fn = None
     if flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -188,83 +187,114 @@ def bench_attention(tokens: list[int], shape: str = "llama3.1-8b", density: floa
     rows = []
     warm_gpu()
     for length in tokens:
-        gen = torch.Generator(device=device).manual_seed(seed + length)
-        q = torch.randn(1, hq, length, d, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(1, hkv, length, d, device=device, dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(1, hkv, length, d, device=device, dtype=torch.bfloat16, generator=gen)
-        row = {"tokens": length, "pattern": cfg.effective_pattern(length), "density": density,
-               "shape": shape, "head_routing": cfg.head_routing}
-
-        def routing():
-            sels, variable = route_batch(q, k, cfg)
-            return sels, selections_to_indices(sels, variable)
-
-        t0 = time.perf_counter()
-        row["routing_ms"] = _time_ms(routing, warmup, repeats)
-        sels, (index, count, offsets) = routing()
-        row["causal_block_fraction"] = sels[0].causal_block_fraction()
-        row["budget_blocks"] = cfg.budget_blocks(length)
-
-        # correctness guard: indices valid
-        out, ws = launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block)
-        raise_on_error_flag(ws)
-        by_variant = {}
-        for name in variants:
-            vid = VARIANTS[name]
-            by_variant[name] = _time_ms(
-                lambda: launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block, variant=vid),
-                warmup, repeats)
-        row["attention_ms_by_variant"] = by_variant
-        row["attention_ms"] = by_variant.get("auto", min(by_variant.values()))
-        row["dhsa_ms"] = row["routing_ms"] + row["attention_ms"]
-        # achieved rate over the computed (selected) area, 4*D flops per (query, key) pair
-        pairs = row["causal_block_fraction"] * hq * length * (length + 1) / 2
-        row["attention_tflops_effective"] = 4 * d * pairs / (row["attention_ms"] * 1e-3) / 1e12
-
-        baselines = {}
-        if sdpa:
-            baselines["sdpa_ms"] = _time_ms(
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                warmup, repeats)
-        if flex_fn is not None:
-            try:
-                block_mask, visited = selection_to_block_mask(sels[0], hq, length, length)
-                row["flex_block_fraction"] = visited
-                flex_out = flex_fn(q, k, v, block_mask=block_mask, enable_gqa=True)
-                row["rel_err_vs_flex"] = float((out.float() - flex_out.float()).norm() / flex_out.float().norm())
-                del flex_out
-                baselines["flex_ms"] = _time_ms(
-                    lambda: flex_fn(q, k, v, block_mask=block_mask, enable_gqa=True), warmup, repeats)
-            except Exception as exc:  # noqa: BLE001 - report, keep the other numbers
-                row["flex_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            if flex_exact:
-                try:
-                    exact_mask = selection_to_block_mask_exact(sels[0], hq, length, length)
-                    options = {"BLOCK_N": cfg.k_block}
-                    flex_out = flex_fn(q, k, v, block_mask=exact_mask, enable_gqa=True, kernel_options=options)
-                    row["rel_err_vs_flex_kv32"] = float(
-                        (out.float() - flex_out.float()).norm() / flex_out.float().norm())
-                    del flex_out
-                    baselines["flex_kv32_ms"] = _time_ms(
-                        lambda: flex_fn(q, k, v, block_mask=exact_mask, enable_gqa=True, kernel_options=options),
-                        warmup, repeats)
-                    del exact_mask
-                except Exception as exc:  # noqa: BLE001
-                    row["flex_kv32_error"] = f"{type(exc).__name__}: {exc}"[:500]
-        row["baselines"] = baselines
-        ref_times = {"sdpa": baselines.get("sdpa_ms")}
-        flex_times = [baselines[n] for n in ("flex_ms", "flex_kv32_ms") if n in baselines]
-        if flex_times:
-            ref_times["flex"] = min(flex_times)  # the faster FlexAttention conversion
-        ref_times = {n: t for n, t in ref_times.items() if t is not None}
-        row["speedup"] = {name: ms / row["dhsa_ms"] for name, ms in ref_times.items()}
-        row["speedup_attention_only"] = {name: ms / row["attention_ms"] for name, ms in ref_times.items()}
-        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        # one function per length: its tensors (and its routing graphs) are freed when it returns
+        row = _bench_length(length, SHAPES[shape], cfg, warmup, repeats, sdpa, flex_fn, flex_exact,
+                            variants, seed)
+        row["shape"] = shape
         rows.append(row)
         log(format_row(row))
-        del q, k, v, out, ws, sels, index, count
         torch.cuda.empty_cache()
     return {"machine": machine_info(), "rows": rows}
+
+
+def _bench_length(length: int, heads: tuple[int, int, int], cfg: DHSAConfig, warmup: int, repeats: int,
+                  sdpa: bool, flex_fn, flex_exact: bool, variants: tuple[str, ...], seed: int) -> dict:
+    """One row of :func:`bench_attention`: DHSA (routing eager and from CUDA graphs, kernel) and the
+    baselines at ``length`` tokens."""
+    from ..backends.torch_cuda import launch, raise_on_error_flag, route_batch, selections_to_indices
+    from ..backends.torch_cuda.library import VARIANTS
+    from ..backends.torch_cuda.routing_graph import RoutingGraphCache
+
+    hq, hkv, d = heads
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(seed + length)
+    q = torch.randn(1, hq, length, d, device=device, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, hkv, length, d, device=device, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, hkv, length, d, device=device, dtype=torch.bfloat16, generator=gen)
+    row = {"tokens": length, "pattern": cfg.effective_pattern(length), "density": cfg.density,
+           "head_routing": cfg.head_routing}
+    graphs = RoutingGraphCache()  # this length's graphs only (limits from the environment)
+
+    def routing(graph_cache=graphs):
+        sels, variable = route_batch(q, k, cfg, graphs=graph_cache)
+        return sels, selections_to_indices(sels, variable)
+
+    t0 = time.perf_counter()
+    row["routing_eager_ms"] = _time_ms(lambda: routing(False), warmup, repeats)
+    eager_sels, (eager_index, _, _) = routing(False)
+    row["routing_ms"] = _time_ms(routing, warmup, repeats)
+    sels, (index, count, offsets) = routing()
+    row["routing_graph"] = graphs.info()
+    row["routing_graph_used"] = graphs.counts["replays"] > 0
+    row["graph_vs_eager_mask_diff"] = int((sels[0].mask != eager_sels[0].mask).sum())
+    row["graph_vs_eager_index_equal"] = bool(torch.equal(index, eager_index))
+    row["causal_block_fraction"] = sels[0].causal_block_fraction()
+    row["budget_blocks"] = cfg.budget_blocks(length)
+
+    # correctness guard: indices valid
+    out, ws = launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block)
+    raise_on_error_flag(ws)
+    by_variant = {}
+    for name in variants:
+        vid = VARIANTS[name]
+        by_variant[name] = _time_ms(
+            lambda: launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block, variant=vid),
+            warmup, repeats)
+    row["attention_ms_by_variant"] = by_variant
+    row["attention_ms"] = by_variant.get("auto", min(by_variant.values()))
+    row["dhsa_ms"] = row["routing_ms"] + row["attention_ms"]
+    row["dhsa_eager_routing_ms"] = row["routing_eager_ms"] + row["attention_ms"]
+    # achieved rate over the computed (selected) area, 4*D flops per (query, key) pair
+    pairs = row["causal_block_fraction"] * hq * length * (length + 1) / 2
+    row["attention_tflops_effective"] = 4 * d * pairs / (row["attention_ms"] * 1e-3) / 1e12
+
+    baselines = {}
+    if sdpa:
+        baselines["sdpa_ms"] = _time_ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            warmup, repeats)
+    if flex_fn is not None:
+        _time_flex(row, baselines, flex_fn, flex_exact, q, k, v, out, sels[0], cfg, warmup, repeats)
+    row["baselines"] = baselines
+    ref_times = {"sdpa": baselines.get("sdpa_ms")}
+    flex_times = [baselines[n] for n in ("flex_ms", "flex_kv32_ms") if n in baselines]
+    if flex_times:
+        ref_times["flex"] = min(flex_times)  # the faster FlexAttention conversion
+    ref_times = {n: t for n, t in ref_times.items() if t is not None}
+    row["speedup"] = {name: ms / row["dhsa_ms"] for name, ms in ref_times.items()}
+    row["speedup_eager_routing"] = {name: ms / row["dhsa_eager_routing_ms"] for name, ms in ref_times.items()}
+    row["speedup_attention_only"] = {name: ms / row["attention_ms"] for name, ms in ref_times.items()}
+    row["wall_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _time_flex(row, baselines, flex_fn, flex_exact, q, k, v, out, selection, cfg, warmup, repeats) -> None:
+    """FlexAttention with the selection as a 128 x 128 and (``flex_exact``) a q_block x k_block
+    BlockMask: times into ``baselines``, agreement with the kernel's ``out`` into ``row``."""
+    hq, length = q.shape[1], q.shape[2]
+    try:
+        block_mask, visited = selection_to_block_mask(selection, hq, length, length)
+        row["flex_block_fraction"] = visited
+        flex_out = flex_fn(q, k, v, block_mask=block_mask, enable_gqa=True)
+        row["rel_err_vs_flex"] = float((out.float() - flex_out.float()).norm() / flex_out.float().norm())
+        del flex_out
+        baselines["flex_ms"] = _time_ms(
+            lambda: flex_fn(q, k, v, block_mask=block_mask, enable_gqa=True), warmup, repeats)
+    except Exception as exc:  # noqa: BLE001 - report, keep the other numbers
+        row["flex_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    if not flex_exact:
+        return
+    try:
+        exact_mask = selection_to_block_mask_exact(selection, hq, length, length)
+        options = {"BLOCK_N": cfg.k_block}
+        flex_out = flex_fn(q, k, v, block_mask=exact_mask, enable_gqa=True, kernel_options=options)
+        row["rel_err_vs_flex_kv32"] = float((out.float() - flex_out.float()).norm() / flex_out.float().norm())
+        del flex_out
+        baselines["flex_kv32_ms"] = _time_ms(
+            lambda: flex_fn(q, k, v, block_mask=exact_mask, enable_gqa=True, kernel_options=options),
+            warmup, repeats)
+    except Exception as exc:  # noqa: BLE001
+        row["flex_kv32_error"] = f"{type(exc).__name__}: {exc}"[:500]
 
 
 def format_row(row: dict) -> str:
@@ -272,7 +302,8 @@ def format_row(row: dict) -> str:
     s = row.get("speedup", {})
     fmt = lambda x: f"{x:8.3f}" if isinstance(x, (int, float)) else f"{'-':>8}"  # noqa: E731
     return (f"{row['tokens']:>7} {row['pattern']:<17} cbf={row['causal_block_fraction']:.3f} "
-            f"route={fmt(row['routing_ms'])} attn={fmt(row['attention_ms'])} dhsa={fmt(row['dhsa_ms'])} "
+            f"route={fmt(row['routing_ms'])} route_eager={fmt(row.get('routing_eager_ms'))} "
+            f"attn={fmt(row['attention_ms'])} dhsa={fmt(row['dhsa_ms'])} "
             f"sdpa={fmt(b.get('sdpa_ms'))} flex={fmt(b.get('flex_ms'))} flex_kv32={fmt(b.get('flex_kv32_ms'))} "
             f"x_sdpa={fmt(s.get('sdpa'))} x_flex={fmt(s.get('flex'))} "
             f"variants={ {k: round(v, 3) for k, v in row.get('attention_ms_by_variant', {}).items()} }"
@@ -303,13 +334,14 @@ def main(argv=None) -> int:
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary table of a result (also used in docs/GPU_NOTES.md)."""
-    lines = ["| tokens | pattern | causal_block_fraction | routing_ms | attention_ms | dhsa_ms | sdpa_ms | "
+    lines = ["| tokens | pattern | causal_block_fraction | routing_ms (eager) | attention_ms | dhsa_ms | sdpa_ms | "
              "flex_ms | speedup sdpa | speedup flex |", "|" + "---|" * 10]
     for r in rows:
         b, s = r.get("baselines", {}), r.get("speedup", {})
         cell = lambda x, f="{:.3f}": f.format(x) if isinstance(x, (int, float)) else "-"  # noqa: E731
         lines.append(
-            f"| {r['tokens']} | {r['pattern']} | {cell(r['causal_block_fraction'])} | {cell(r['routing_ms'])} | "
+            f"| {r['tokens']} | {r['pattern']} | {cell(r['causal_block_fraction'])} | {cell(r['routing_ms'])} "
+            f"({cell(r.get('routing_eager_ms'))}) | "
             f"{cell(r['attention_ms'])} | {cell(r['dhsa_ms'])} | {cell(b.get('sdpa_ms'))} | {cell(b.get('flex_ms'))} | "
             f"{cell(s.get('sdpa'), '{:.2f}x')} | {cell(s.get('flex'), '{:.2f}x')} |")
     return "\n".join(lines)

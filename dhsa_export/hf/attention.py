@@ -11,7 +11,8 @@ and shared by all layers (DESIGN.md section 2).
 
 Backends (:func:`select_backend`): ``"reference"`` runs the per-block reference attention of
 :mod:`dhsa_export.algo.attention` (any device); ``"torch-cuda"`` runs the CUDA block-sparse
-kernel (:mod:`dhsa_export.backends.torch_cuda`) after the same torch routing on the GPU;
+kernel (:mod:`dhsa_export.backends.torch_cuda`) after the same torch routing on the GPU (replayed
+from CUDA graphs kept per model, :attr:`DHSARuntime.routing_graphs`);
 ``"auto"`` (the default) takes the kernel for CUDA fp16/bf16 tensors when its library loads, and
 the reference otherwise. Padding, decode and the ``dynamic`` chunks behave the same in both.
 """
@@ -78,6 +79,17 @@ class DHSARuntime:
     requested_backend: str = "auto"
     backend: str = "reference"
     _resolved: dict = field(default_factory=dict, repr=False)
+    _routing_graphs: object = field(default=None, repr=False)
+
+    @property
+    def routing_graphs(self):
+        """This model's captured routing graphs (torch-cuda backend; created on first use, freed
+        with the runtime, i.e. with the model or :func:`disable_dhsa`)."""
+        if self._routing_graphs is None:
+            from ..backends.torch_cuda.routing_graph import RoutingGraphCache
+
+            self._routing_graphs = RoutingGraphCache()
+        return self._routing_graphs
 
     def reset_stats(self) -> None:
         self.stats = RoutingStats()
@@ -179,7 +191,9 @@ def dhsa_attention_forward(
             runtime.chunk_offsets = _predict_chunks(runtime, key, mask)
         offsets = runtime.chunk_offsets
     backend = runtime.backend_for(query) if query.shape[-2] > 1 else "reference"  # decode: dense in both
-    output = dhsa_attention(query, key, value, runtime.cfg, scaling, mask, offsets, runtime.stats, backend)
+    graphs = runtime.routing_graphs if backend == "torch-cuda" else None
+    output = dhsa_attention(query, key, value, runtime.cfg, scaling, mask, offsets, runtime.stats, backend,
+                            routing_graphs=graphs)
     return output.transpose(1, 2).contiguous(), None
 
 

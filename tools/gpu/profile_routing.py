@@ -10,6 +10,10 @@ For every (length, pattern) it times, with CUDA events (median of ``--repeats`` 
   (:func:`dhsa_export.backends.torch_cuda.selections_to_indices`, what ``bench_attention`` calls
   ``routing_ms``);
 - ``route_torch_ms``: route with the Triton kernels off (``DHSA_ROUTING_TRITON=0``);
+- ``route_graph_ms`` / ``route_graph_index_ms``: the same two replayed from a CUDA graph
+  (:mod:`dhsa_export.backends.torch_cuda.routing_graph`, token limit lifted so 128K is timed too),
+  ``graph_mask_diff`` (mask entries differing from eager route: 0 expected, same kernels) and
+  ``graph_mb`` (static inputs + the graph's memory pool);
 - ``baseline_ms``: route of the frozen earlier version in ``--baseline`` (see compare_routing.py),
   and ``mask_diff``: mask entries where the two selections differ (fp32 summation order on the GPU
   can flip near-ties; 0 expected on the CPU).
@@ -36,7 +40,7 @@ from compare_routing import load_baseline  # noqa: E402
 from dhsa_export import DHSAConfig  # noqa: E402
 from dhsa_export.algo import route  # noqa: E402
 from dhsa_export.algo.boundaries import make_chunker  # noqa: E402
-from dhsa_export.backends.torch_cuda import routing_triton, selections_to_indices  # noqa: E402
+from dhsa_export.backends.torch_cuda import routing_graph, routing_triton, selections_to_indices  # noqa: E402
 from dhsa_export.bench.attention import warm_gpu  # noqa: E402
 from dhsa_export.bench.timing import median_ms  # noqa: E402
 
@@ -78,6 +82,8 @@ def measure(length: int, pattern: str, baseline, repeats: int) -> dict:
     finally:
         os.environ.pop(routing_triton.ENV_SWITCH, None)
     row["triton_vs_torch_mask_diff"] = int((torch_mask != new.mask).sum())
+    if cfg.effective_pattern(length) in routing_graph.GRAPH_PATTERNS:
+        row.update(measure_graph(q, k, cfg, new, repeats))
     if baseline is not None:
         try:
             row["baseline_ms"] = timed(lambda: baseline.route(q, k, cfg, offsets), repeats)
@@ -86,6 +92,29 @@ def measure(length: int, pattern: str, baseline, repeats: int) -> dict:
             row["baseline_error"] = f"OOM: {exc}"[:200]
     row["mask_entries"] = new.mask.numel()
     return row
+
+
+def measure_graph(q, k, cfg, eager, repeats: int) -> dict:
+    """Routing replayed from a CUDA graph (no token limit, no memory budget), against ``eager``."""
+    cache = routing_graph.RoutingGraphCache(max_mb=1 << 20)
+    os.environ[routing_graph.ENV_MAX_TOKENS] = "0"
+    try:
+        def with_index():
+            sel = cache.route(q, k, cfg)
+            return selections_to_indices([sel], False)
+
+        out = {"route_graph_ms": timed(lambda: cache.route(q, k, cfg), repeats),
+               "route_graph_index_ms": timed(with_index, repeats)}
+        graph = cache.route(q, k, cfg)
+        out["graph_mask_diff"] = int((graph.mask != eager.mask).sum())
+        out["graph_index_equal"] = bool(torch.equal(graph.to_block_index(eager.grid.num_chunks)[0],
+                                                    eager.to_block_index(eager.grid.num_chunks)[0]))
+        out["graph_mb"] = cache.info()["mb"]
+        out["graph_replays"] = cache.counts["replays"]
+    finally:
+        os.environ.pop(routing_graph.ENV_MAX_TOKENS, None)
+        cache.clear()
+    return out
 
 
 def profile_once(length: int, pattern: str, top: int = 14) -> str:
@@ -125,11 +154,15 @@ def main(argv=None) -> int:
         length, pattern = item.split(":")
         profiles[item] = profile_once(int(length), pattern)
         print(f"== profile {item}\n{profiles[item]}", flush=True)
-    print("| tokens | pattern | baseline_ms | route_ms | route_torch_ms | route_index_ms | mask_diff |")
-    print("|---|---|---|---|---|---|---|")
+    nan = float("nan")
+    print("| tokens | pattern | baseline_ms | route_ms | route_torch_ms | route_index_ms | mask_diff | "
+          "route_graph_ms | route_graph_index_ms | graph_mask_diff | graph_mb |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['pattern']} | {r.get('baseline_ms', float('nan')):.2f} | {r['route_ms']:.2f} | "
-              f"{r['route_torch_ms']:.2f} | {r['route_index_ms']:.2f} | {r.get('mask_diff', '-')} |")
+        print(f"| {r['tokens']} | {r['pattern']} | {r.get('baseline_ms', nan):.2f} | {r['route_ms']:.2f} | "
+              f"{r['route_torch_ms']:.2f} | {r['route_index_ms']:.2f} | {r.get('mask_diff', '-')} | "
+              f"{r.get('route_graph_ms', nan):.2f} | {r.get('route_graph_index_ms', nan):.2f} | "
+              f"{r.get('graph_mask_diff', '-')} | {r.get('graph_mb', '-')} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "profiles": profiles, "torch": torch.__version__,

@@ -16,7 +16,8 @@
 # MEMORY_TOKENS (100000), MEMORY_BUDGET_GIB (24), MEMORY_ARGS (more bench.memory options),
 # VARIANTS (kernel variants to time, default auto), TESTS, PYTEST_ARGS, PYTHON, ROUTING_ARGS,
 # DHSA_KERNEL_LIBRARY (a prebuilt libdhsa_kernels.so; else it is built into DHSA_CACHE_DIR,
-# default ./.kcache: carry it to reuse a local build).
+# default ./.kcache: carry it to reuse a local build). Routing CUDA graphs (torch-cuda backend):
+# DHSA_ROUTING_GRAPH=0 turns them off, DHSA_ROUTING_GRAPH_MAX_TOKENS / _CACHE / _MAX_MB bound them.
 set -uo pipefail
 OUT="${OUT:-out/gpu}"
 STEPS=",${STEPS:-tests,routing,attention,prefill,topk},"

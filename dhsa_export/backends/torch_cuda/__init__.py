@@ -17,6 +17,7 @@ from .ops import (
     launch,
     raise_on_error_flag,
     route_batch,
+    routing_function,
     selection_attention_cuda,
     selections_to_indices,
     unavailable_reason,
@@ -24,6 +25,6 @@ from .ops import (
 
 __all__ = [
     "block_sparse_attention_cuda", "build_library", "dhsa_attention_cuda", "is_plain_causal", "launch",
-    "library_path", "raise_on_error_flag", "route_batch", "selection_attention_cuda",
+    "library_path", "raise_on_error_flag", "route_batch", "routing_function", "selection_attention_cuda",
     "selections_to_indices", "unavailable_reason",
 ]

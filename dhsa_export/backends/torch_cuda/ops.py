@@ -173,29 +173,43 @@ def is_variable(selection: Selection) -> bool:
     return selection.grid.chunk_block is None
 
 
-def route_batch(q, k, cfg: DHSAConfig, chunk_offsets=None) -> tuple[list[Selection], bool]:
-    """Route every sequence of ``q [B, Hq, Lq, D]`` / ``k [B, Hkv, Lk, D]`` on its own device.
+def routing_function(graphs=None):
+    """The per-sequence router with :func:`dhsa_export.algo.routing.route`'s signature:
+    replayed from CUDA graphs through ``graphs`` (a :class:`.routing_graph.RoutingGraphCache`;
+    None = the shared default cache), or plain eager ``route`` when ``graphs`` is False."""
+    if graphs is False:
+        return route
+    from . import routing_graph
+
+    return (graphs if graphs is not None else routing_graph.default_cache()).route
+
+
+def route_batch(q, k, cfg: DHSAConfig, chunk_offsets=None, graphs=None) -> tuple[list[Selection], bool]:
+    """Route every sequence of ``q [B, Hq, Lq, D]`` / ``k [B, Hkv, Lk, D]`` on its own device
+    (fixed-block patterns on CUDA replayed from CUDA graphs, see :func:`routing_function`).
 
     Returns the selections and whether their chunks are variable (known from the routing, no
     comparison of offsets on the device).
     """
+    router = routing_function(graphs)
     selections = []
     for b in range(q.shape[0]):
         offsets = chunk_offsets[b] if chunk_offsets is not None else None
-        selections.append(route(q[b], k[b], cfg, offsets))
+        selections.append(router(q[b], k[b], cfg, offsets))
     return selections, any(is_variable(s) for s in selections)
 
 
 def dhsa_attention_cuda(q, k, v, cfg: DHSAConfig, scale=None, chunk_offsets=None, stats=None,
-                        return_selections=False):
+                        return_selections=False, graphs=None):
     """DHSA prefill on CUDA for ``[B, H, L, D]`` batches without padding: routing (torch, on the
-    GPU) + the block-sparse kernel. A single query (decode) is dense, as in the reference."""
+    GPU; ``graphs`` as in :func:`routing_function`) + the block-sparse kernel. A single query
+    (decode) is dense, as in the reference."""
     if q.shape[-2] == 1:
         from ...algo.attention import dense_attention
 
         out = dense_attention(q, k, v, scale)
         return (out, []) if return_selections else out
-    selections, variable = route_batch(q, k, cfg, chunk_offsets)
+    selections, variable = route_batch(q, k, cfg, chunk_offsets, graphs)
     if stats is not None:
         for s in selections:
             stats.add(s, cfg.effective_pattern(k.shape[2]))
