@@ -7,6 +7,8 @@ renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
+import gc
+
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,14 +85,17 @@ def build(options: BuildOptions) -> Path:
         library = _backend_library(options.backend, staging)
         bar.update()
         graphs = _export_graphs(loaded, options, staging, step, bar)
+        model_info, tokenizer = _model_info(loaded, options), loaded.tokenizer
+        del loaded  # the torch weights (6 GB for the LLaMA-8B shape at 2 layers) are done with
+        gc.collect()
         step("share weights")
         from .onnx.export import share_weights
 
         shared = share_weights(graphs["prefill"], graphs["decode"])
         bar.update()
         step("tokenizer + manifest")
-        loaded.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        write_manifest(staging, _manifest_info(loaded, options, library, shared, staging))
+        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        write_manifest(staging, _manifest_info(model_info, options, library, shared, staging))
         bar.update()
     bar.close()
     return Path(options.out).resolve()
@@ -126,20 +131,25 @@ def _backend_library(backend: str, staging: Path) -> Path:
     return target
 
 
-def _manifest_info(loaded, options: BuildOptions, library: Path, shared: int, staging: Path) -> dict:
+def _model_info(loaded, options: BuildOptions) -> dict:
+    """The manifest's model section (taken before the torch weights are released)."""
     config = loaded.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     eos = config.eos_token_id if config.eos_token_id is not None else loaded.tokenizer.eos_token_id
     return {
+        "name": loaded.name, "source": loaded.source, "spec": options.model_spec,
+        "layers": config.num_hidden_layers, "architecture": type(loaded.model).__name__,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
+        "vocab_size": config.vocab_size, "max_length": loaded.max_length,
+        "eos_token_id": eos if isinstance(eos, list) else [eos],
+    }
+
+
+def _manifest_info(model_info: dict, options: BuildOptions, library: Path, shared: int, staging: Path) -> dict:
+    return {
         "backend": options.backend,
-        "model": {
-            "name": loaded.name, "source": loaded.source, "spec": options.model_spec,
-            "layers": config.num_hidden_layers, "architecture": type(loaded.model).__name__,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
-            "vocab_size": config.vocab_size, "max_length": loaded.max_length,
-            "eos_token_id": eos if isinstance(eos, list) else [eos],
-        },
+        "model": model_info,
         "dhsa": options.cfg.to_dict(),
         "quantization": {"int4": options.int4, "block_size": options.int4_block_size,
                          "lm_head": options.int4_lm_head} if options.int4 else None,

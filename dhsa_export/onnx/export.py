@@ -218,21 +218,21 @@ def share_weights(prefill_path: Path, decode_path: Path, weights_name: str = WEI
     import hashlib
 
     import onnx
-    from onnx import numpy_helper
 
     folder = prefill_path.parent
-    models = [onnx.load(str(path), load_external_data=True) for path in (prefill_path, decode_path)]
+    # Graphs only: each tensor's bytes are read on their own (two 8B-shaped graphs loaded with
+    # their data would need twice the weights in memory).
+    models = [onnx.load(str(path), load_external_data=False) for path in (prefill_path, decode_path)]
     tmp_weights = folder / f".{weights_name}.tmp"
     placed: dict[tuple, tuple[int, int]] = {}
     shared = 0
     with open(tmp_weights, "wb") as handle:
         for index, model in enumerate(models):
             for tensor in model.graph.initializer:
-                array = numpy_helper.to_array(tensor)
-                if array.nbytes < INLINE_LIMIT:
-                    tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+                data = _tensor_bytes(tensor, folder)
+                if len(data) < INLINE_LIMIT:
+                    _inline(tensor, data)
                     continue
-                data = array.tobytes()
                 key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
                 if key in placed:
                     shared += index  # a hit inside the first graph is a duplicate, not sharing
@@ -241,6 +241,7 @@ def share_weights(prefill_path: Path, decode_path: Path, weights_name: str = WEI
                     handle.write(data)
                     handle.write(b"\0" * ((-handle.tell()) % 64))
                 _point(tensor, weights_name, *placed[key])
+                del data
     os.replace(tmp_weights, folder / weights_name)
     for model, path in zip(models, (prefill_path, decode_path)):
         _drop_old_data_files(path)
@@ -248,6 +249,30 @@ def share_weights(prefill_path: Path, decode_path: Path, weights_name: str = WEI
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
     return shared
+
+
+def _tensor_bytes(tensor, folder: Path) -> bytes:
+    """Raw little-endian bytes of an initializer, read from its external file when it has one."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor).tobytes()
+    info = ExternalDataInfo(tensor)
+    with open(folder / info.location, "rb") as handle:
+        handle.seek(int(info.offset or 0))
+        return handle.read(int(info.length)) if info.length else handle.read()
+
+
+def _inline(tensor, data: bytes) -> None:
+    """Keep a small initializer inside the graph (shape inference reads constants)."""
+    from onnx import TensorProto
+
+    for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(field_name)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+    tensor.raw_data = data
 
 
 def _point(tensor, location: str, offset: int, length: int) -> None:
