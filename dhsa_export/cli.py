@@ -14,7 +14,7 @@ from typing import Callable
 import click
 
 from . import __version__
-from .config import HEAD_ROUTING, PATTERNS, DHSAConfig
+from .config import CHUNK_SCORES, HEAD_ROUTING, PATTERNS, DHSAConfig
 from .errors import DHSAError
 
 EXIT_USER_ERROR = 2
@@ -68,15 +68,20 @@ def dhsa_options(command: Callable) -> Callable:
                      show_default=True, help="Route per query head or per KV group."),
         click.option("--boundary-predictor", default="", metavar="FILE",
                      help="Trained boundary predictor for --pattern dynamic."),
+        click.option("--chunk-score", type=click.Choice(CHUNK_SCORES), default=defaults.chunk_score,
+                     show_default=True,
+                     help="How --pattern dynamic ranks chunks: estimated attention mass, or the paper's mean key."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor) -> DHSAConfig:
+def build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor,
+                 chunk_score=DHSAConfig.chunk_score) -> DHSAConfig:
     return DHSAConfig(density=density, q_block=q_block, k_block=k_block, pattern=pattern,
-                      head_routing=head_routing, boundary_predictor=boundary_predictor)
+                      head_routing=head_routing, boundary_predictor=boundary_predictor,
+                      chunk_score=chunk_score)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,9 +99,9 @@ def main() -> None:
 @click.option("--stats", is_flag=True, help="Print the achieved causal-block fraction to stderr.")
 @user_errors
 def generate(model_spec, layers, attention, pattern, density, q_block, k_block, head_routing,
-             boundary_predictor, prompt, max_new_tokens, raw, stats) -> None:
+             boundary_predictor, chunk_score, prompt, max_new_tokens, raw, stats) -> None:
     """Generate greedily from a prompt with dense or DHSA attention."""
-    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor)
+    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     quiet_transformers()
     from .hf.generate import generate as run_generate
     from .hf.generate import set_attention
@@ -155,10 +160,10 @@ PAPER_DEPTHS = ",".join(str(d) for d in range(0, 100, 11)) + ",100"
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Writes results.json and heatmap.png.")
 @user_errors
 def niah(model_spec, layers, attention, pattern, density, q_block, k_block, head_routing,
-         boundary_predictor, haystack_dir, context_lengths, depths, task, needle, question,
+         boundary_predictor, chunk_score, haystack_dir, context_lengths, depths, task, needle, question,
          answers, max_new_tokens, out_dir) -> None:
     """Needle-in-a-haystack retrieval over context lengths x depths."""
-    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor)
+    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     lengths = parse_int_list(context_lengths, "context lengths")
     depth_list = parse_depths(depths)
     quiet_transformers()
@@ -215,13 +220,13 @@ def train_boundaries(model_spec, data_dir, out_path, max_tokens, seq_len, epochs
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @user_errors
 def build(model_spec, layers, attention, pattern, density, q_block, k_block, head_routing,
-          boundary_predictor, backend, int4, int4_block_size, int4_lm_head, out_dir, force) -> None:
+          boundary_predictor, chunk_score, backend, int4, int4_block_size, int4_lm_head, out_dir, force) -> None:
     """Build a deployable artifact: ONNX graphs, weights, custom-op library, tokenizer, manifest."""
     if attention != "dhsa":
         raise DHSAError("build exports DHSA prefill graphs; drop --attention dense")
     if pattern == "dynamic":
         raise DHSAError("the dynamic pattern is not exportable yet (chunk prediction runs in PyTorch); use another --pattern")
-    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor)
+    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     quiet_transformers()
     from .build import BuildOptions
     from .build import build as run_build

@@ -16,6 +16,7 @@ from .errors import DHSAError
 PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise", "dynamic")
 HEAD_ROUTING = ("head", "group")
 BOUNDARY_RULES = ("similarity", "fixed")
+CHUNK_SCORES = ("mass", "mean")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,17 @@ class DHSAConfig:
         boundary_predictor: path of a trained boundary predictor (safetensors) for ``dynamic``;
             when empty the training-free rule ``boundary_rule`` cuts the keys.
         boundary_rule: ``"similarity"`` (key-similarity drops) or ``"fixed"`` (k_block chunks).
-        min_chunk / max_chunk: chunk length limits for the dynamic boundaries.
+        min_chunk / max_chunk: chunk length limits for the dynamic boundaries. ``max_chunk``
+            defaults to the default ``k_block`` (32): dynamic chunks refine the fixed blocks
+            (boundaries where the text changes) and are never coarser than them; with 128 the
+            learned predictor's chunks averaged 61 tokens on the NIAH haystack and lost two
+            4K NIAH cells per task (docs/BENCHMARKS.md).
+        chunk_score: how ``dynamic`` ranks a chunk for a query block. ``"mass"`` (default): the
+            log of the mean attention weight the block's mean query gives the chunk's tokens
+            (logsumexp of the token logits minus log length), i.e. the softmax-domain
+            aggregation, so a strongly attended token is not averaged away; ``"mean"``: the
+            paper's length-normalized mean key, ``mean(q) . mean(k) x sqrt(length)`` (what the
+            ONNX Route op computes). See :func:`dhsa_export.algo.routing.chunk_mass_scores`.
     """
 
     density: float = 0.125
@@ -55,7 +66,8 @@ class DHSAConfig:
     boundary_predictor: str = ""
     boundary_rule: str = "similarity"
     min_chunk: int = 8
-    max_chunk: int = 128
+    max_chunk: int = 32
+    chunk_score: str = "mass"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +85,10 @@ class DHSAConfig:
         if self.boundary_rule not in BOUNDARY_RULES:
             raise DHSAError(
                 f"unknown boundary rule {self.boundary_rule!r}; use one of {', '.join(BOUNDARY_RULES)}"
+            )
+        if self.chunk_score not in CHUNK_SCORES:
+            raise DHSAError(
+                f"unknown chunk score {self.chunk_score!r}; use one of {', '.join(CHUNK_SCORES)}"
             )
         if self.min_chunk > self.max_chunk:
             raise DHSAError(

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..config import DHSAConfig
-from .layout import BlockGrid, Selection, chunk_lengths, fixed_offsets, segment_means
+from .layout import BlockGrid, Selection, chunk_id_per_token, chunk_lengths, fixed_offsets, segment_means
 
 
 def routing_heads(num_query_heads: int, num_kv_heads: int, cfg: DHSAConfig) -> int:
@@ -306,16 +306,55 @@ def route_vslash_blockwise(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: i
     )
 
 
-def route_dynamic(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
-    """Hierarchical DHSA over variable chunks: length-normalized chunk scores, token budget.
+def chunk_mass_scores(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, head_group: int,
+                      max_elements: int = 1 << 24) -> torch.Tensor:
+    """``S[h, i, c] = log mean_{j in chunk c} exp(mean(q of block i) . k_j / sqrt(D))`` in fp32.
 
+    The log of the mean attention weight (up to the row's normalizer) that the block's mean
+    query gives the chunk's tokens: token logits of the block-mean query, aggregated per chunk
+    in the softmax domain (a per-chunk logsumexp, minus log length). Unlike ``mean(k)``, this
+    keeps a chunk that holds one strongly attended token (a heavy hitter) visible. Ranking chunks
+    by it and filling a token budget is the top-k over tokens of the chunk score upsampled to the
+    chunk's tokens, i.e. the chunks estimated to carry the most attention mass per budget token.
+
+    Cost: ``nQ x Lk x D`` multiply-adds per routing head (one row per query block, 1/q_block of
+    the dense QK^T; the same order as ``vslash``'s last-q_block probe), computed ``max_elements``
+    logits at a time. A per-chunk maximum is subtracted before the exponential, so no chunk
+    underflows to ``-inf``.
+    """
+    q_means = group_mean(segment_means(q, grid.q_offsets, grid.q_block), head_group)  # [Hr, nQ, D]
+    routes, num_q, dim = q_means.shape
+    key_length = k.shape[1]
+    key_chunk = chunk_id_per_token(grid.chunk_offsets, key_length)
+    log_lengths = chunk_lengths(grid.chunk_offsets).clamp(min=1).float().log()
+    scores = q_means.new_empty(routes, num_q, grid.num_chunks)
+    rows = max(1, max_elements // max(1, routes * key_length))
+    for first in range(0, num_q, rows):
+        last = min(num_q, first + rows)
+        logits = gqa_scores(q_means[:, first:last].contiguous(), k).div_(math.sqrt(dim))  # [Hr, n, Lk]
+        index = key_chunk.expand_as(logits)
+        peak = logits.new_full((routes, last - first, grid.num_chunks), -math.inf)
+        peak.scatter_reduce_(-1, index, logits, reduce="amax")
+        sums = torch.zeros_like(peak).scatter_add_(-1, index, (logits - peak.gather(-1, index)).exp_())
+        scores[:, first:last] = peak + sums.log() - log_lengths
+    return scores
+
+
+def route_dynamic(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int) -> torch.Tensor:
+    """Hierarchical DHSA over variable chunks: chunk scores, token budget.
+
+    Chunks are ranked by ``cfg.chunk_score``: the estimated attention mass per token
+    (:func:`chunk_mass_scores`, default) or the paper's length-normalized mean-key score.
     Selecting chunks in score order under a token budget is the top-k over chunk scores
     upsampled to tokens (every token of a chunk has the chunk's score); a chunk that does not fit
     whole is skipped. Sink tokens and the local window are forced; the query blocks holding the
     last ``instruction_tokens`` queries are dense.
     """
     key_length = k.shape[1]
-    score = block_scores(q, k, grid, head_group, length_normalized=True)
+    if cfg.chunk_score == "mass":
+        score = chunk_mass_scores(q, k, grid, head_group)
+    else:
+        score = block_scores(q, k, grid, head_group, length_normalized=True)
     forced = (grid.sink(cfg.sink_tokens) | local_window(grid, cfg.local_tokens))[None]
     weights = chunk_lengths(grid.chunk_offsets).float()
     last_queries = grid.q_offsets[1:] > q.shape[1] - cfg.instruction_tokens

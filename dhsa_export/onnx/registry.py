@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import DHSAConfig
+from ..errors import DHSAError
 
 DOMAIN = "dhsa"
 VERSION = 1
@@ -165,7 +166,16 @@ OPS: dict[str, OpSpec] = {op.name: op for op in (ROUTE, BLOCK_SPARSE_ATTENTION)}
 
 
 def route_attributes(cfg: DHSAConfig, num_query_heads: int, num_kv_heads: int) -> dict:
-    """Route node attributes for a config (the exporter and rewriter both call this)."""
+    """Route node attributes for a config (the exporter and rewriter both call this).
+
+    The Route op (contract v1) ranks ``dynamic`` chunks by the paper's mean-key score only, so a
+    config that asks for the mass score is refused rather than exported as something else.
+    """
+    if cfg.pattern == "dynamic" and cfg.chunk_score != "mean":
+        raise DHSAError(
+            f"the ONNX Route op ranks dynamic chunks by the 'mean' chunk score, not {cfg.chunk_score!r}; "
+            "pass chunk_score='mean' (--chunk-score mean) to export the dynamic pattern"
+        )
     head_group = 1 if cfg.head_routing == "head" else num_query_heads // num_kv_heads
     values = {
         "q_block": cfg.q_block, "k_block": cfg.k_block, "pattern": cfg.pattern,
@@ -194,7 +204,7 @@ def config_from_route_attributes(attrs: dict, num_query_heads: int, num_kv_heads
         density=float(values["density"]), q_block=int(values["q_block"]), k_block=int(values["k_block"]),
         pattern=str(values["pattern"]), head_routing=head_routing, sink_tokens=int(values["sink_tokens"]),
         local_tokens=int(values["local_tokens"]), instruction_tokens=int(values["instruction_tokens"]),
-        vslash_blockwise_above=int(values["vslash_blockwise_above"]),
+        vslash_blockwise_above=int(values["vslash_blockwise_above"]), chunk_score="mean",
     )
 
 

@@ -191,3 +191,44 @@ def test_block_index_round_trip():
 def test_fixed_offsets_short_last_block():
     assert fixed_offsets(70, 32).tolist() == [0, 32, 64, 70]
     assert fixed_offsets(64, 32).tolist() == [0, 32, 64]
+
+
+@pytest.mark.parametrize("head_routing", ["head", "group"])
+def test_chunk_mass_scores_are_logsumexp_per_chunk(head_routing):
+    """The dynamic pattern's default chunk score: log mean exp of the block-mean query's token logits."""
+    from dhsa_export.algo.layout import BlockGrid, segment_means
+    from dhsa_export.algo.routing import chunk_mass_scores, group_mean, routing_heads
+
+    q, k, _ = qkv(8, 2, 300, 300, 32, seed=12)
+    k = k * 4  # spread the logits so that the per-chunk maximum matters
+    offsets = variable_offsets(300, 5)
+    grid = BlockGrid.build(300, offsets, 64)
+    group = routing_heads(8, 2, DHSAConfig(head_routing=head_routing))
+    scores = chunk_mass_scores(q, k, grid, group)
+    slabs = chunk_mass_scores(q, k, grid, group, max_elements=700)  # a few query blocks at a time
+    assert (scores - slabs).abs().max().item() <= 1e-5
+    q_means = group_mean(segment_means(q, grid.q_offsets), group)
+    keys = k.repeat_interleave(q_means.shape[0] // 2, dim=0)
+    logits = q_means @ keys.transpose(1, 2) / math.sqrt(32)
+    bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+    want = torch.stack([logits[..., a:b].logsumexp(-1) - math.log(b - a) for a, b in bounds], dim=-1)
+    assert (scores - want).abs().max().item() <= 1e-4
+
+
+def test_dynamic_mass_score_finds_a_heavy_hitter_the_mean_misses():
+    """One strongly attended key in an otherwise unrelated chunk: the mass score selects its chunk,
+    the mean-key score (the paper's) averages it away."""
+    gen = torch.Generator().manual_seed(13)
+    length, dim = 1024, 64
+    q = torch.randn(1, length, dim, generator=gen) * 0.1
+    k = torch.randn(1, length, dim, generator=gen)
+    direction = torch.randn(dim, generator=gen)
+    q[0, -128:] += direction  # the last query block looks for `direction`
+    heavy = 300
+    k[0, heavy] = 6 * direction / direction.norm()  # one key in chunk 300 // 32 matches it strongly
+    k[0, heavy - 16: heavy] -= 2 * direction / direction.norm()  # its neighbours point away
+    cfg = DHSAConfig(pattern="dynamic", density=0.25, instruction_tokens=0, local_tokens=0, sink_tokens=32)
+    offsets = fixed_offsets(length, 32)
+    mass = route(q, k, cfg, offsets).mask[0, -1]
+    mean = route(q, k, cfg.replace(chunk_score="mean"), offsets).mask[0, -1]
+    assert bool(mass[heavy // 32]) and not bool(mean[heavy // 32])

@@ -77,9 +77,9 @@ def test_select_backend_on_cpu():
     from dhsa_export import DHSAError
     from dhsa_export.hf.attention import select_backend
 
-    assert select_backend("cpu") == "reference"
+    assert select_backend("cpu") == "torch-gather"
     assert select_backend("cpu", "reference") == "reference"
-    assert select_backend(torch.device("cpu"), "auto", torch.bfloat16) == "reference"
+    assert select_backend(torch.device("cpu"), "auto", torch.bfloat16) == "torch-gather"
     with pytest.raises(DHSAError, match="needs a CUDA device"):
         select_backend("cpu", "torch-cuda")
     with pytest.raises(DHSAError, match="unknown DHSA backend"):
@@ -96,10 +96,10 @@ def test_enable_dhsa_resolves_the_backend_on_cpu():
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
     model = AutoModelForCausalLM.from_config(config).eval()
     runtime = enable_dhsa(model, DHSAConfig(q_block=32, k_block=8))
-    assert (runtime.requested_backend, runtime.backend) == ("auto", "reference")
+    assert (runtime.requested_backend, runtime.backend) == ("auto", "torch-gather")
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 70)))
-    assert runtime.backend == "reference" and runtime.stats.calls == 1
+    assert runtime.backend == "torch-gather" and runtime.stats.calls == 1
     with pytest.raises(DHSAError, match="torch-cuda"):
         enable_dhsa(model, DHSAConfig(), backend="torch-cuda")
 
