@@ -38,6 +38,7 @@ def test_qwen_answers_capital_of_france_with_dhsa(qwen, pattern):
         answer = generate(qwen, ["What is the capital of France?"], max_new_tokens=12)[0]
         assert "Paris" in answer.text
         assert runtime.stats.calls == qwen.model.config.num_hidden_layers  # every layer, one prefill
-        assert runtime.stats.causal_block_fraction < 1.0
+        if pattern == "vslash":  # dynamic keeps the last instruction_tokens (128) queries dense: all of this prompt
+            assert runtime.stats.causal_block_fraction < 1.0
     finally:
         set_attention(qwen, "dense")
