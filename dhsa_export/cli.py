@@ -244,11 +244,11 @@ def build(model_spec, layers, attention, pattern, density, q_block, k_block, hea
 @click.option("--verbose", is_flag=True, help="Also list every candidate a rule left alone, with the reason.")
 @user_errors
 def rewrite(input_path, output_path, attention, pattern, density, q_block, k_block, head_routing,
-            boundary_predictor, verbose) -> None:
+            boundary_predictor, chunk_score, verbose) -> None:
     """Rewrite a foreign dense ONNX decoder (torch.onnx, onnxruntime-genai builder) into the DHSA prefill graph."""
     if attention != "dhsa":
         raise DHSAError("rewrite produces DHSA prefill graphs; drop --attention dense")
-    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor)
+    cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     from .onnx.rewrite import rewrite_model
 
     report = rewrite_model(input_path, output_path, cfg)
