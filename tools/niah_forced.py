@@ -6,7 +6,9 @@ each attention variant (sparse prefill of the prompt, then dense decoding of the
 as generation does): the log-probability and rank of the first answer token (where the 135M
 model's failures happen), how many answer tokens stay the argmax (all of them: greedy decoding
 would reproduce the dense answer; PASS when the tokens up to the last answer keyword are), and the cosine of the final hidden state at the last prompt
-position to dense. One prefill and a few decode steps per cell and variant.
+position to dense; plus the greedy answer from the same prefill and its NIAH score (the PASS
+criterion is stricter: a greedy answer that deviates from dense can still hold the keywords).
+One prefill per cell and variant.
 
     PYTHONPATH=. python tools/niah_forced.py --haystack-dir ../shared/data/haystack \\
         --cells paper:4096:0,magic-number:4096:50 \\
@@ -19,6 +21,7 @@ is dense attention). Results are printed as a table and written to ``--out`` (JS
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -50,23 +53,36 @@ def parse_variant(text: str) -> tuple[str, DHSAConfig | None]:
 
 
 @torch.inference_mode()
-def score(loaded, prompt_ids: torch.Tensor, answer: list[int]) -> dict:
+def score(loaded, prompt_ids: torch.Tensor, answer: list[int], task, max_new_tokens: int = 32) -> dict:
     """Prefill the prompt (sparse under DHSA, exactly as generation does), then decode the forced
     answer token by token (dense over the KV cache, as generation does): log-probs and ranks of
-    the answer tokens, and the final hidden state at the last prompt position."""
-    base = loaded.model.model
+    the answer tokens and the final hidden state at the last prompt position; and, from a copy
+    of the same prefill cache, the greedy answer and its NIAH score (what ``eval niah`` scores)."""
+    base, head, tokenizer = loaded.model.model, loaded.model.lm_head, loaded.tokenizer
     out = base(input_ids=prompt_ids, use_cache=True)
     last = out.last_hidden_state[0, -1]
+    prefill_cache = copy.deepcopy(out.past_key_values)
     states, cache = [last], out.past_key_values
     for token in answer[:-1]:
         out = base(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
         states.append(out.last_hidden_state[0, -1])
         cache = out.past_key_values
-    logits = loaded.model.lm_head(torch.stack(states)).float().log_softmax(-1)
+    logits = head(torch.stack(states)).float().log_softmax(-1)
     target = torch.tensor(answer)
     logp = logits.gather(-1, target[:, None])[:, 0]
     ranks = (logits > logp[:, None]).sum(-1)
-    return {"logp": logp.tolist(), "ranks": ranks.tolist(), "hidden": last.clone()}
+    greedy, cache, state = [], prefill_cache, last
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for _ in range(max_new_tokens):
+        token = int(head(state).argmax())
+        if token in stop:
+            break
+        greedy.append(token)
+        out = base(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        state, cache = out.last_hidden_state[0, -1], out.past_key_values
+    text = tokenizer.decode(greedy, skip_special_tokens=True)
+    return {"logp": logp.tolist(), "ranks": ranks.tolist(), "hidden": last.clone(),
+            "greedy": text, "niah_score": score_response(task, text)}
 
 
 def main() -> None:
@@ -105,11 +121,11 @@ def main() -> None:
         needed = next((n for n in range(1, len(answer) + 1)
                        if score_response(task, loaded.tokenizer.decode(answer[:n])) == 1.0), None)
         set_attention(loaded, "dense")
-        dense = score(loaded, prompt_ids, answer)
+        dense = score(loaded, prompt_ids, answer, task)
         for name, cfg in variants:
             started = time.perf_counter()
             runtime = set_attention(loaded, "dhsa" if cfg else "dense", cfg)
-            got = dense if cfg is None else score(loaded, prompt_ids, answer)
+            got = dense if cfg is None else score(loaded, prompt_ids, answer, task)
             cos = torch.nn.functional.cosine_similarity(got["hidden"], dense["hidden"], dim=0).item()
             kept = next((i for i, r in enumerate(got["ranks"]) if r != 0), len(answer))
             row = {
@@ -120,10 +136,11 @@ def main() -> None:
                 "answer_logp": round(sum(got["logp"]), 3), "cos_last_hidden": round(cos, 4),
                 "causal_block_fraction": runtime.stats.causal_block_fraction if runtime else 1.0,
                 "seconds": round(time.perf_counter() - started, 1),
-                "answer": loaded.tokenizer.decode(answer),
+                "answer": loaded.tokenizer.decode(answer), "greedy": got["greedy"],
+                "niah_score": got["niah_score"], "dense_niah_score": dense["niah_score"],
             }
             rows.append(row)
-            print(f"{cell:22s} {name:18s} {'PASS' if row['passes'] else 'fail'} first {row['first_logp']:7.3f} (rank {row['first_rank']:2d}, "
+            print(f"{cell:22s} {name:18s} niah {row['niah_score']:.2f} {'PASS' if row['passes'] else 'fail'} first {row['first_logp']:7.3f} (rank {row['first_rank']:2d}, "
                   f"dense {row['dense_first_logp']:6.3f})  argmax {kept:2d}/{len(answer)}  "
                   f"sum {row['answer_logp']:8.3f}  cos {cos:.4f}  frac {row['causal_block_fraction']:.3f}  "
                   f"{row['seconds']:.0f}s", flush=True)
@@ -131,7 +148,8 @@ def main() -> None:
     for name, _ in variants:
         mine = [r for r in rows if r["variant"] == name]
         passed = sum(r["passes"] for r in mine)
-        print(f"{name:18s} cells whose greedy answer keeps the keywords {passed}/{len(mine)}, mean first log-prob "
+        niah = sum(r["niah_score"] for r in mine) / len(mine)
+        print(f"{name:18s} NIAH mean {niah:.3f}; cells reproducing dense up to the last keyword {passed}/{len(mine)}, mean first log-prob "
               f"{sum(r['first_logp'] for r in mine) / len(mine):.3f}, "
               f"min cos {min(r['cos_last_hidden'] for r in mine):.4f}", flush=True)
 
