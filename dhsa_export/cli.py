@@ -14,7 +14,7 @@ from typing import Callable
 import click
 
 from . import __version__
-from .config import CHUNK_SCORES, HEAD_ROUTING, PATTERNS, DHSAConfig
+from .config import ATTENTION_BACKENDS, CHUNK_SCORES, HEAD_ROUTING, PATTERNS, DHSAConfig
 from .errors import DHSAError
 
 EXIT_USER_ERROR = 2
@@ -77,6 +77,30 @@ def dhsa_options(command: Callable) -> Callable:
     return command
 
 
+def runtime_options(command: Callable) -> Callable:
+    """Where the PyTorch model runs and which DHSA attention implementation it uses."""
+    options = [
+        click.option("--backend", type=click.Choice(("auto",) + ATTENTION_BACKENDS), default="auto", show_default=True,
+                     help="DHSA attention: auto (CUDA kernel on a GPU, torch-gather on the CPU), reference, "
+                          "torch-gather, or torch-cuda (the CUDA kernels; implies --device cuda)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto: cuda with --backend torch-cuda, else cpu."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="auto: float32 on the CPU, bfloat16 on CUDA."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_placed_model(model_spec, layers, backend: str, device: str, dtype: str):
+    """Check the placement first (a missing GPU fails before any loading), then load and move."""
+    from .hf.models import load_model, place_model, resolve_placement
+
+    device, dtype = resolve_placement(device, dtype, backend)
+    return place_model(load_model(model_spec, layers=layers, dtype=dtype), device)
+
+
 def build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor,
                  chunk_score=DHSAConfig.chunk_score) -> DHSAConfig:
     return DHSAConfig(density=density, q_block=q_block, k_block=k_block, pattern=pattern,
@@ -97,18 +121,18 @@ def main() -> None:
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @click.option("--stats", is_flag=True, help="Print the achieved causal-block fraction to stderr.")
+@runtime_options
 @user_errors
 def generate(model_spec, layers, attention, pattern, density, q_block, k_block, head_routing,
-             boundary_predictor, chunk_score, prompt, max_new_tokens, raw, stats) -> None:
+             boundary_predictor, chunk_score, prompt, max_new_tokens, raw, stats, backend, device, dtype) -> None:
     """Generate greedily from a prompt with dense or DHSA attention."""
     cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     quiet_transformers()
     from .hf.generate import generate as run_generate
     from .hf.generate import set_attention
-    from .hf.models import load_model
 
-    loaded = load_model(model_spec, layers=layers)
-    runtime = set_attention(loaded, attention, cfg)
+    loaded = load_placed_model(model_spec, layers, backend, device, dtype)
+    runtime = set_attention(loaded, attention, cfg, backend=backend)
     result = run_generate(loaded, [prompt], max_new_tokens=max_new_tokens, raw=raw)[0]
     click.echo(result.text)
     if stats and runtime is not None:
@@ -158,17 +182,17 @@ PAPER_DEPTHS = ",".join(str(d) for d in range(0, 100, 11)) + ",100"
 @click.option("--answer", "answers", multiple=True, help="Keyword the answer must contain (repeatable).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Writes results.json and heatmap.png.")
+@runtime_options
 @user_errors
 def niah(model_spec, layers, attention, pattern, density, q_block, k_block, head_routing,
          boundary_predictor, chunk_score, haystack_dir, context_lengths, depths, task, needle, question,
-         answers, max_new_tokens, out_dir) -> None:
+         answers, max_new_tokens, out_dir, backend, device, dtype) -> None:
     """Needle-in-a-haystack retrieval over context lengths x depths."""
     cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     lengths = parse_int_list(context_lengths, "context lengths")
     depth_list = parse_depths(depths)
     quiet_transformers()
     from .eval.niah import PAPER_NEEDLE, NeedleTask, magic_number_task, run_niah
-    from .hf.models import load_model
 
     if needle or question:
         if not (needle and question):
@@ -177,10 +201,10 @@ def niah(model_spec, layers, attention, pattern, density, q_block, k_block, head
         needle_task = NeedleTask(needle=needle, question=question, answer_keywords=keywords, assistant_prefix="")
     else:
         needle_task = PAPER_NEEDLE if task == "paper" else magic_number_task(seed=0)
-    loaded = load_model(model_spec, layers=layers)
+    loaded = load_placed_model(model_spec, layers, backend, device, dtype)
     results = run_niah(loaded, attention=attention, dhsa_config=cfg, haystack_dir=haystack_dir,
                        context_lengths=lengths, depths=depth_list, task=needle_task, out_dir=out_dir,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, backend=backend)
     fraction = results.get("causal_block_fraction")
     suffix = f", causal block fraction {fraction:.3f}" if fraction is not None else ""
     click.echo(f"mean score {results['mean_score']:.3f} over {len(results['cells'])} cells{suffix}; "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import DHSAConfig
+from ..config import ATTENTION_BACKENDS, DHSAConfig
 from ..errors import DHSAError
 from .layout import Selection, chunk_id_per_token
 from .routing import expand_kv, route
@@ -25,7 +25,7 @@ from .routing import expand_kv, route
 # device), the exact gathered form of it (:func:`gathered_sparse_attention`, the CPU default: it
 # computes only the selected keys) and the CUDA block-sparse kernel
 # (dhsa_export.backends.torch_cuda, CUDA fp16/bf16).
-BACKENDS = ("reference", "torch-gather", "torch-cuda")
+BACKENDS = ATTENTION_BACKENDS
 
 
 def block_sparse_attention(

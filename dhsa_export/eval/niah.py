@@ -53,6 +53,7 @@ def run_niah(
     out_dir: str,
     max_new_tokens: int = 32,
     progress: bool = True,
+    backend: str = "auto",
 ) -> dict:
     """Run the NIAH grid and write ``results.json`` + ``heatmap.png`` into ``out_dir``.
 
@@ -64,6 +65,8 @@ def run_niah(
         haystack_dir: folder of ``.txt`` files, or ``None`` for the generated default haystack.
         context_lengths: total prompt tokens per column (template and question included).
         depths: needle depths in percent (0..100).
+        backend: DHSA attention implementation ("auto", "reference", "torch-gather", "torch-cuda");
+            the model must already sit on the device it needs (:func:`dhsa_export.hf.models.place_model`).
 
     Returns the dict written to ``results.json``: ``model, attention, dhsa_config`` (null for
     dense), ``task, cells`` (each ``context_length, depth, score, response, prompt_tokens,
@@ -83,12 +86,15 @@ def run_niah(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runtime = set_attention(loaded, attention, cfg)
+    runtime = set_attention(loaded, attention, cfg, backend=backend)
     results = {
         "model": loaded.name,
         "model_source": loaded.source,
         "attention": attention,
         "dhsa_config": cfg.to_dict() if cfg is not None else None,
+        "backend": runtime.requested_backend if runtime is not None else None,
+        "device": str(loaded.model.device),
+        "dtype": str(loaded.model.dtype).replace("torch.", ""),
         "task": task.to_dict(),
         "haystack": str(haystack_dir) if haystack_dir else "default (generated filler)",
         "max_new_tokens": max_new_tokens,
@@ -111,6 +117,8 @@ def run_niah(
             cell_start = time.perf_counter()
             generation = generate(loaded, [prompt], max_new_tokens=max_new_tokens, raw=True)[0]
             seconds = time.perf_counter() - cell_start
+            if runtime is not None:
+                results["backend"] = runtime.backend  # what the prefill ran, "auto" resolved
             cell_fraction = None
             if runtime is not None and runtime.stats.calls:
                 cell_fraction = runtime.stats.causal_block_fraction

@@ -19,14 +19,18 @@ from .models import LoadedModel
 ATTENTION_MODES = ("dense", "dhsa")
 
 
-def set_attention(loaded: LoadedModel, attention: str, cfg: DHSAConfig | None = None) -> DHSARuntime | None:
-    """Put the model in ``dense`` (SDPA) or ``dhsa`` mode; returns the DHSA runtime if any."""
+def set_attention(loaded: LoadedModel, attention: str, cfg: DHSAConfig | None = None,
+                  backend: str = "auto") -> DHSARuntime | None:
+    """Put the model in ``dense`` (SDPA) or ``dhsa`` mode; returns the DHSA runtime if any.
+
+    ``backend`` picks the DHSA attention implementation (see :func:`enable_dhsa`); dense ignores it.
+    """
     if attention not in ATTENTION_MODES:
         raise DHSAError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
     if attention == "dense":
         disable_dhsa(loaded.model)
         return None
-    return enable_dhsa(loaded.model, cfg or DHSAConfig())
+    return enable_dhsa(loaded.model, cfg or DHSAConfig(), backend=backend)
 
 
 def prompt_text(tokenizer, prompt: str, raw: bool = False, assistant_prefix: str = "") -> str:
@@ -66,7 +70,7 @@ def generate(
         raise DHSAError(f"max_new_tokens {max_new_tokens} must be at least 1")
     tokenizer = loaded.tokenizer
     texts = [prompt_text(tokenizer, p, raw, assistant_prefix) for p in prompts]
-    batch = encode(tokenizer, texts)
+    batch = encode(tokenizer, texts).to(loaded.model.device)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     for length in lengths:
         check_fits(length, max_new_tokens, loaded)

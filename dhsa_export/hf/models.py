@@ -51,6 +51,44 @@ def cache_root() -> Path:
     return Path(base) / "dhsa-export"
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_placement(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> tuple[str, str]:
+    """Where and in which precision to run: ``(device, dtype)`` with ``"auto"`` resolved.
+
+    ``device="auto"`` is ``"cuda"`` when the CUDA kernel is asked for (``backend="torch-cuda"``) and
+    the CPU otherwise, so nothing moves to a GPU unless the user says so. ``dtype="auto"`` is
+    float32 on the CPU (the reference precision every backend is checked against) and bfloat16 on
+    CUDA (what the kernels are built for). Checked before any model is loaded, so a missing GPU is
+    one error line, not a failure after a minute of loading.
+    """
+    if device not in DEVICES:
+        raise DHSAError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if dtype not in DTYPES:
+        raise DHSAError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if backend == "torch-cuda" else "cpu"
+    if backend == "torch-cuda" and device != "cuda":
+        raise DHSAError(f"backend 'torch-cuda' runs on a CUDA device, not {device!r}; use --device cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DHSAError(f"device 'cuda' needs a CUDA GPU and a CUDA build of torch; none is visible "
+                            f"(torch {torch.__version__}); use --device cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+def place_model(loaded: LoadedModel, device: str) -> LoadedModel:
+    """Move the model to ``device`` (resolved, see :func:`resolve_placement`); returns ``loaded``."""
+    loaded.model.to(device)
+    return loaded
+
+
 def validate_model_spec(spec: str | None) -> None:
     """Cheap checks of a ``--model`` value (no loading), so commands fail before any work."""
     spec = spec or DEFAULT_MODEL

@@ -20,3 +20,25 @@ def tiny_model(model_type: str = "llama", **extra):
     config = tiny_config(model_type, **extra)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in memory (one token per byte, ``</s>`` as EOS and padding), so
+    tests can save a complete model folder without any downloaded tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    vocab["</s>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>")
+
+
+def save_tiny_model_folder(folder, model_type: str = "llama", **extra) -> str:
+    """A loadable Hugging Face folder (config, safetensors weights, tokenizer) of :func:`tiny_model`."""
+    tiny_model(model_type, **extra).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return str(folder)
