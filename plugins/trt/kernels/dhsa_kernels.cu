@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "block_sparse_attention.cuh"
+#include "block_sparse_attention_sm90.cuh"
 
 namespace {
 
@@ -114,8 +115,33 @@ int validate(const DhsaBsaParams* p) {
                                                                (1ll << 31))
         return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
                     elems_k);
-    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_M256)
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_S2)
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
+    return DHSA_STATUS_OK;
+}
+
+// Launch one attention kernel instance over the (query tile, routing head, batch) grid; bm = query
+// rows per CTA.
+int launch_grid(void (*kernel)(dhsa::BsaArgs), int bm, int threads, int smem_bytes,
+                const dhsa::BsaArgs& args, cudaStream_t stream) {
+    cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "cudaFuncSetAttribute(%d bytes of shared memory): %s",
+                    smem_bytes, cudaGetErrorString(e));
+    dhsa::BsaArgs a = args;
+    a.pos_per_tile = bm / a.head_group;
+    if (a.pos_per_tile > a.q_block) a.pos_per_tile = a.q_block;
+    a.tiles_per_qblock = (a.q_block + a.pos_per_tile - 1) / a.pos_per_tile;
+    const long long gx = (long long)a.nq * a.tiles_per_qblock;
+    if (gx > 0x7fffffffll || a.hr > 65535 || a.batch > 65535)
+        return fail(DHSA_STATUS_UNSUPPORTED, "grid too large (%lld x %d x %d)", gx, a.hr, a.batch);
+    dim3 grid((unsigned)gx, (unsigned)a.hr, (unsigned)a.batch);
+    kernel<<<grid, threads, smem_bytes, stream>>>(a);
+    e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u x %u x %u): %s",
+                    grid.x, grid.y, grid.z, cudaGetErrorString(e));
     return DHSA_STATUS_OK;
 }
 
@@ -124,37 +150,72 @@ int launch_attention(const dhsa::BsaArgs& args, cudaStream_t stream) {
     using C = dhsa::BsaConfig<D, WARPS, MT>;
     auto kernel = args.key_chunk_offsets != nullptr ? dhsa::bsa_fwd_kernel<T, D, WARPS, MT, true>
                                                     : dhsa::bsa_fwd_kernel<T, D, WARPS, MT, false>;
-    cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-    if (e != cudaSuccess)
-        return fail(DHSA_STATUS_CUDA_ERROR, "cudaFuncSetAttribute(%d bytes of shared memory): %s",
-                    C::kSmemBytes, cudaGetErrorString(e));
-    dhsa::BsaArgs a = args;
-    a.pos_per_tile = C::BM / a.head_group;
-    if (a.pos_per_tile > a.q_block) a.pos_per_tile = a.q_block;
-    a.tiles_per_qblock = (a.q_block + a.pos_per_tile - 1) / a.pos_per_tile;
-    const long long gx = (long long)a.nq * a.tiles_per_qblock;
-    if (gx > 0x7fffffffll || a.hr > 65535 || a.batch > 65535)
-        return fail(DHSA_STATUS_UNSUPPORTED, "grid too large (%lld x %d x %d)", gx, a.hr, a.batch);
-    dim3 grid((unsigned)gx, (unsigned)a.hr, (unsigned)a.batch);
-    kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(a);
-    e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u x %u x %u): %s",
-                    grid.x, grid.y, grid.z, cudaGetErrorString(e));
-    return DHSA_STATUS_OK;
+    return launch_grid(kernel, C::BM, C::kThreads, C::kSmemBytes, args, stream);
+}
+
+// The wgmma kernels run on compute capability 9.0 devices from an sm_90a build only: other builds
+// hold a stub without the static shared memory of the real kernel (sharedSizeBytes == 0).
+bool wgmma_device() {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+        return false;
+    return major == 9 && minor == 0;
+}
+
+template <typename T, int D, int STAGES, bool OVERLAP>
+bool wgmma_built() {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, false>) !=
+        cudaSuccess) {
+        cudaGetLastError();  // clear the error (no image for this device)
+        return false;
+    }
+    return attr.sharedSizeBytes > 0;
+}
+
+template <typename T, int D, int STAGES, bool OVERLAP>
+int launch_wgmma(const dhsa::BsaArgs& args, cudaStream_t stream) {
+    using C = dhsa::sm90::WgConfig<D, STAGES, OVERLAP>;
+    if (!wgmma_device() || !wgmma_built<T, D, STAGES, OVERLAP>())
+        return fail(DHSA_STATUS_UNSUPPORTED,
+                    "the wgmma variants need a compute capability 9.0 GPU and a library built for "
+                    "sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+    auto kernel = args.key_chunk_offsets != nullptr
+                      ? dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, true>
+                      : dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, false>;
+    return launch_grid(kernel, C::BM, C::kThreads, C::kSmemBytes, args, stream);
+}
+
+template <typename T, int STAGES, bool OVERLAP>
+int launch_wgmma_d(const dhsa::BsaArgs& a, int head_dim, cudaStream_t stream) {
+    return head_dim == 64 ? launch_wgmma<T, 64, STAGES, OVERLAP>(a, stream)
+                          : launch_wgmma<T, 128, STAGES, OVERLAP>(a, stream);
 }
 
 template <typename T>
 int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t stream) {
     if (variant == DHSA_VARIANT_AUTO) {
-        // 4 warps x 32 rows (128 rows per CTA) was fastest on an H200 from 8K tokens on
-        // (docs/GPU_NOTES.md); with fewer than 128 rows per query block (head_group * q_block),
-        // the 64-row tile wastes fewer rows.
-        variant = (long long)a.head_group * a.q_block >= 128 ? DHSA_VARIANT_M128_W4
-                                                            : DHSA_VARIANT_M64;
+        // Tiles of 128 rows when a query block fills them (head_group * q_block >= 128): the wgmma
+        // kernel on sm_90a builds running on compute capability 9.0, else 4 warps x 32 rows (fastest
+        // mma.sync variant on an H200 from 8K tokens on, docs/GPU_NOTES.md); with fewer rows per
+        // query block, the 64-row tile wastes fewer rows.
+        if ((long long)a.head_group * a.q_block < 128)
+            variant = DHSA_VARIANT_M64;
+        else if (wgmma_device() && (head_dim == 64 ? wgmma_built<T, 64, 3, true>()
+                                                   : wgmma_built<T, 128, 3, true>()))
+            variant = DHSA_VARIANT_WGMMA;
+        else
+            variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
+        case DHSA_VARIANT_WGMMA:
+            return launch_wgmma_d<T, 3, true>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_SERIAL:
+            return launch_wgmma_d<T, 3, false>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_S2:
+            return launch_wgmma_d<T, 2, false>(a, head_dim, stream);
         case DHSA_VARIANT_M128:
             return head_dim == 64 ? launch_attention<T, 64, 8, 1>(a, stream)
                                   : launch_attention<T, 128, 8, 1>(a, stream);

@@ -62,12 +62,17 @@ extern "C" {
 #define DHSA_DTYPE_FP16 0
 #define DHSA_DTYPE_BF16 1
 
-/* Kernel variants (tile shapes); 0 picks one from the shape. */
+/* Kernel variants (tile shapes); 0 picks one from the shape and the device. */
 #define DHSA_VARIANT_AUTO 0
 #define DHSA_VARIANT_M64 1  /* 4 warps, 64 query rows per CTA */
 #define DHSA_VARIANT_M128 2 /* 8 warps, 128 query rows per CTA */
 #define DHSA_VARIANT_M128_W4 3 /* 4 warps x 32 rows, 128 query rows per CTA */
 #define DHSA_VARIANT_M256 4 /* 8 warps x 32 rows, 256 query rows per CTA */
+/* Hopper (sm_90a builds on compute capability 9.0 only; DHSA_STATUS_UNSUPPORTED elsewhere):
+ * 2 warpgroups x 64 rows with wgmma, 128 query rows and 128 gathered keys per tile. */
+#define DHSA_VARIANT_WGMMA 5        /* 3 K/V stages, S GEMM of tile j overlapped with P V of j-1 */
+#define DHSA_VARIANT_WGMMA_SERIAL 6 /* 3 K/V stages, the two GEMMs one after the other */
+#define DHSA_VARIANT_WGMMA_S2 7     /* 2 K/V stages, serial */
 
 typedef struct DhsaBsaParams {
     const void* q;                    /* [B, Hq, Lq, D] */
