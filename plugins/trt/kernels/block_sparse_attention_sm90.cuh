@@ -114,6 +114,13 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 // Keeps the compiler from moving accesses of wgmma accumulator / operand registers across the
 // asynchronous MMA's issue and wait (the registers are in flight in between).
+// Named barrier `id` (0 is __syncthreads) over `n` threads: wait for all, or only arrive.
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void pin(float (&r)[N]) {
 #pragma unroll
@@ -175,180 +182,200 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo, uint
 }
 #endif  // DHSA_WGMMA_ENABLED
 
+#ifdef DHSA_WGMMA_ENABLED
+// mbarrier (shared memory, CTA scope): init, arrive, wait for the completion of a phase parity.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#endif  // DHSA_WGMMA_ENABLED
+
 // Byte offset of 16-byte chunk `chunk` (D / 8 per row) of row `row` in a swizzled tile of R rows.
 template <int R>
 __device__ __forceinline__ uint32_t swz128(int row, int chunk) {
     return (uint32_t)((chunk >> 3) * (R * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
 }
 
-template <int D, int STAGES, bool OVERLAP>
-struct WgConfig {
-    static constexpr int kThreads = 256;  // 2 warpgroups x 64 rows
-    static constexpr int BM = 128;
-    static constexpr int BN = 128;
-    // tiles loaded ahead of the one being computed: with OVERLAP the V of tile j - 1 is still read
-    // while tile j is computed, so one stage fewer is free for loads.
-    static constexpr int kLookahead = OVERLAP ? STAGES - 2 : STAGES - 1;
-    static constexpr int kPosRing = kLookahead + 2;  // key-position slots (static shared memory)
-    static constexpr int kTileQ = BM * D * 2;
-    static constexpr int kTileKV = BN * D * 2;
+constexpr int kBM = 128;  // query rows per CTA (2 consumer warpgroups x 64)
+constexpr int kBN = 128;  // gathered keys per K/V tile
+
+template <int D, int STAGES>
+struct WgSmem {
+    static constexpr int kTileQ = kBM * D * 2;
+    static constexpr int kTileKV = kBN * D * 2;
     // + slack to align the dynamic buffer to 1024 bytes (the swizzle atom); its base is 16-aligned
-    static constexpr int kSmemBytes = 1008 + kTileQ + 2 * STAGES * kTileKV;
-    static constexpr int kStaticSmemBytes = kPosRing * BN * 4;
-    static_assert(kLookahead >= 1, "at least one tile must be loaded ahead");
-    static_assert(kSmemBytes + kStaticSmemBytes <= 232448, "more shared memory than an sm_90 block has");
+    static constexpr int kBytes = 1008 + kTileQ + 2 * STAGES * kTileKV;
 };
 
-template <typename T, int D, int STAGES, bool OVERLAP, bool VAR>
-__global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
-#ifdef DHSA_WGMMA_ENABLED
-    using C = WgConfig<D, STAGES, OVERLAP>;
-    constexpr int BM = C::BM;
-    constexpr int BN = C::BN;
-    constexpr int NB = BN / 8;   // n8 blocks of S
-    constexpr int KS = D / 16;   // k-steps of Q K^T
-    constexpr int PS = BN / 16;  // k-steps of P V
-    constexpr int DB = D / 8;    // n8 blocks of O
-    constexpr int LA = C::kLookahead;
-    constexpr int RING = C::kPosRing;
+// The CTA's query tile (same decomposition as bsa_fwd_kernel: rows = head_group heads x P query
+// positions) and the key stream of its query block.
+struct WgTile {
+    int t0, npos, P, h0, cnt, total, ntiles, qpos_offset;
+    long long qrow0, kvoff, row_id;
+};
 
-    __shared__ int sPos[RING * BN];  // also marks the sm_90a build (host: sharedSizeBytes > 0)
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    const uint32_t raw = smem_addr(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    unsigned char* gbase = smem_raw + (base - raw);
-    const uint32_t sQ = base;
-    const uint32_t sK0 = base + C::kTileQ;
-    const uint32_t sV0 = sK0 + STAGES * C::kTileKV;
-
-    const int tid = threadIdx.x;
-    const int wg = tid >> 7;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-
+template <int D, bool VAR>
+__device__ __forceinline__ bool wg_tile(const BsaArgs& a, WgTile& t) {
     const int x = gridDim.x - 1 - blockIdx.x;  // heavy (late, causal) query blocks first
     const int r = blockIdx.y;
     const int b = blockIdx.z;
     const int qb = x / a.tiles_per_qblock;
     const int tt = x - qb * a.tiles_per_qblock;
-    const int t0 = qb * a.q_block + tt * a.pos_per_tile;
-    int t_end = min(t0 + a.pos_per_tile, (qb + 1) * a.q_block);
-    t_end = min(t_end, a.lq);
-    const int npos = t_end - t0;
-    if (npos <= 0) return;
+    t.t0 = qb * a.q_block + tt * a.pos_per_tile;
+    const int t_end = min(min(t.t0 + a.pos_per_tile, (qb + 1) * a.q_block), a.lq);
+    t.npos = t_end - t.t0;
+    if (t.npos <= 0) return false;
+    t.P = a.pos_per_tile;
+    t.h0 = r * a.head_group;
+    t.qrow0 = (long long)b * a.hq * a.lq;
+    t.kvoff = ((long long)b * a.hkv + t.h0 / a.kv_ratio) * a.lk * D;
+    t.row_id = ((long long)b * a.hr + r) * a.nq + qb;
+    t.cnt = a.counts[t.row_id];
+    t.total = VAR ? a.stream_off[t.row_id * (a.width + 1) + t.cnt] : t.cnt * a.k_block;
+    t.ntiles = (t.total + kBN - 1) / kBN;
+    t.qpos_offset = a.lk - a.lq;
+    return true;
+}
 
-    const int P = a.pos_per_tile;
-    const int h0 = r * a.head_group;
-    const int kvh = h0 / a.kv_ratio;
-    const long long qrow0 = (long long)b * a.hq * a.lq;
-    const T* kbase = reinterpret_cast<const T*>(a.k) + ((long long)b * a.hkv + kvh) * a.lk * D;
-    const T* vbase = reinterpret_cast<const T*>(a.v) + ((long long)b * a.hkv + kvh) * a.lk * D;
-    const long long row_id = ((long long)b * a.hr + r) * a.nq + qb;
-    const int cnt = a.counts[row_id];
-    const int32_t* idx = a.block_index + row_id * a.width;
-    const int32_t* soff = VAR ? a.stream_off + row_id * (a.width + 1) : nullptr;
-    const int32_t* cst = VAR ? a.chunk_start + row_id * a.width : nullptr;
-    const int total = VAR ? soff[cnt] : cnt * a.k_block;
-    const int ntiles = (total + BN - 1) / BN;
-    const int qpos_offset = a.lk - a.lq;
-    const int qmin = qpos_offset + t0;
-
-    // ---- Q tile (zero rows that are not real queries) ----
-    for (int ci = tid; ci < BM * (D / 8); ci += C::kThreads) {
-        const int m = ci / (D / 8);
-        const int c = ci % (D / 8);
-        const int g = m / P;
-        const int p = m - g * P;
-        const bool valid = g < a.head_group && p < npos;
-        const T* src = reinterpret_cast<const T*>(a.q);
-        if (valid) src += (qrow0 + (long long)(h0 + g) * a.lq + t0 + p) * D + c * 8;
-        cp_async16(sQ + swz128<BM>(m, c), src, valid);
+// Key position of stream slot s of the tile's query block (-1: past the stream or past Lk).
+// Variable chunks: `cursor` walks the stream offsets; slots must be asked for in increasing order.
+template <bool VAR>
+__device__ __forceinline__ int wg_stream_key(const BsaArgs& a, const WgTile& t, int s, int& cursor) {
+    if (s >= t.total) return -1;
+    if constexpr (VAR) {
+        const int32_t* soff = a.stream_off + t.row_id * (a.width + 1);
+        while (cursor + 1 < t.cnt && soff[cursor + 1] <= s) ++cursor;
+        return a.chunk_start[t.row_id * a.width + cursor] + (s - soff[cursor]);
     }
+    const int i = s / a.k_block;
+    const int kp = a.block_index[t.row_id * a.width + i] * a.k_block + (s - i * a.k_block);
+    return kp < a.lk ? kp : -1;
+}
 
-    // Key positions of tile jj into sPos[jj % RING] (threads tid < BN, one slot each); -1 = none.
-    int cursor = 0;
-    auto compute_pos = [&](int jj) {
-        if (tid >= BN) return;
-        const int s = jj * BN + tid;
-        int kp = -1;
-        if (s < total) {
-            if constexpr (VAR) {
-                while (cursor + 1 < cnt && soff[cursor + 1] <= s) ++cursor;
-                kp = cst[cursor] + (s - soff[cursor]);
-            } else {
-                const int i = s / a.k_block;
-                kp = idx[i] * a.k_block + (s - i * a.k_block);
-                if (kp >= a.lk) kp = -1;
-            }
-        }
-        sPos[(jj % RING) * BN + tid] = kp;
-    };
-    auto load_tile = [&](int jj) {
-        constexpr int CPR = D / 8;
-        constexpr int RPP = C::kThreads / CPR;
-        const int st = jj % STAGES;
-        const int c = tid % CPR;
-        const int* pos = sPos + (jj % RING) * BN;
-        const uint32_t dK = sK0 + st * C::kTileKV;
-        const uint32_t dV = sV0 + st * C::kTileKV;
-#pragma unroll
-        for (int it = 0; it < BN / RPP; ++it) {
-            const int row = it * RPP + tid / CPR;
-            const int kp = pos[row];
-            const bool valid = kp >= 0;
-            const long long off = (long long)(valid ? kp : 0) * D + c * 8;
-            const uint32_t o = swz128<BN>(row, c);
-            cp_async16(dK + o, kbase + off, valid);
-            cp_async16(dV + o, vbase + off, valid);
-        }
-    };
+// cp.async of Q rows [row0, row0 + rows) into the swizzled Q tile (zeros for rows that are not
+// real queries) by NT threads.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void wg_load_q(const BsaArgs& a, const WgTile& t, uint32_t sQ, int row0,
+                                          int rows, int tid) {
+    for (int ci = tid; ci < rows * (D / 8); ci += NT) {
+        const int m = row0 + ci / (D / 8);
+        const int c = ci % (D / 8);
+        const int g = m / t.P;
+        const int p = m - g * t.P;
+        const bool valid = g < a.head_group && p < t.npos;
+        const T* src = reinterpret_cast<const T*>(a.q);
+        if (valid) src += (t.qrow0 + (long long)(t.h0 + g) * a.lq + t.t0 + p) * D + c * 8;
+        cp_async16(sQ + swz128<kBM>(m, c), src, valid);
+    }
+}
 
-    // This thread's two rows: warp (within its warpgroup) w holds rows 16w..16w+15 of the
-    // warpgroup's 64, lane holds g and g + 8; its columns in each n8 block are 2 tq, 2 tq + 1.
-    const int g = lane >> 2;
-    const int tq = lane & 3;
-    const int row0 = wg * 64 + (warp & 3) * 16 + g;
-    int qpos[2];
+// cp.async gather of the K and V rows at key positions pos[0..kBN) by NT threads (zeros for -1).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void wg_load_kv(const T* kbase, const T* vbase, const int* pos,
+                                           uint32_t dK, uint32_t dV, int tid) {
+    constexpr int CPR = D / 8;
+    constexpr int RPP = NT / CPR;
+    static_assert(NT % CPR == 0 && kBN % RPP == 0, "threads per K/V row");
+    const int c = tid % CPR;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) qpos[h] = qpos_offset + t0 + (row0 + 8 * h) % P;
+    for (int it = 0; it < kBN / RPP; ++it) {
+        const int row = it * RPP + tid / CPR;
+        const int kp = pos[row];
+        const bool valid = kp >= 0;
+        const long long off = (long long)(valid ? kp : 0) * D + c * 8;
+        const uint32_t o = swz128<kBN>(row, c);
+        cp_async16(dK + o, kbase + off, valid);
+        cp_async16(dV + o, vbase + off, valid);
+    }
+}
+
+#ifdef DHSA_WGMMA_ENABLED
+// One consumer warpgroup's 64 query rows: the O accumulator, the online-softmax state and the two
+// GEMMs. Thread layout of the wgmma fragments: warp w of the warpgroup holds rows 16w..16w+15,
+// lane holds g = lane / 4 and g + 8, columns 2 tq, 2 tq + 1 of every n8 block (tq = lane % 4).
+template <typename T, int D>
+struct WgRows {
+    static constexpr int NB = kBN / 8;   // n8 blocks of S
+    static constexpr int KS = D / 16;    // k-steps of Q K^T
+    static constexpr int PS = kBN / 16;  // k-steps of P V
+    static constexpr int DB = D / 8;     // n8 blocks of O
+    static constexpr int kTileKV = kBN * D * 2;
 
     float o[D / 2];
+    float m_run[2], l_run[2];
+    int qpos[2];
+    int qmin, causal, tq, row0;
+    float sl2;
+    uint64_t dq0, dk0, dv0;
+
+    // wg: warpgroup index among the consumers (its rows 64 wg ..), lt: thread index in it.
+    __device__ __forceinline__ void init(const BsaArgs& a, const WgTile& t, int wg, int lt,
+                                         uint32_t sQ, uint32_t sK0, uint32_t sV0) {
+        const int lane = lt & 31;
+        tq = lane & 3;
+        row0 = wg * 64 + (lt >> 5) * 16 + (lane >> 2);
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float m_run[2] = {-INFINITY, -INFINITY};
-    float l_run[2] = {0.f, 0.f};
-
-    // Descriptors (start address advanced per k-step): Q rows of this warpgroup, K / V of stage 0.
-    const uint64_t dq0 = make_desc(sQ + wg * 64 * 128, 16, 1024);
-    const uint64_t dk0 = make_desc(sK0, 16, 1024);
-    const uint64_t dv0 = make_desc(sV0, BN * 128, 1024);
-
-    auto gemm_s = [&](float (&s)[BN / 2], int jj) {
-        const uint64_t dk = dk0 + (uint64_t)(((jj % STAGES) * C::kTileKV) >> 4);
+        for (int h = 0; h < 2; ++h) qpos[h] = t.qpos_offset + t.t0 + (row0 + 8 * h) % t.P;
+        qmin = t.qpos_offset + t.t0;
+        causal = a.causal;
+        sl2 = a.scale_log2;
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            m_run[h] = -INFINITY;
+            l_run[h] = 0.f;
+        }
+        dq0 = make_desc(sQ + wg * 64 * 128, 16, 1024);
+        dk0 = make_desc(sK0, 16, 1024);
+        dv0 = make_desc(sV0, kBN * 128, 1024);  // N-major V: 64-column blocks kBN * 128 bytes apart
+    }
+    // S = Q K^T of the K tile in stage st (issue only).
+    __device__ __forceinline__ void gemm_s(float (&s)[kBN / 2], int st) const {
+        const uint64_t dk = dk0 + (uint64_t)((st * kTileKV) >> 4);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
-            const uint32_t qo = (ks >> 2) * (BM * 128) + (ks & 3) * 32;
-            const uint32_t ko = (ks >> 2) * (BN * 128) + (ks & 3) * 32;
-            Wg<T, BN>::ss(s, dq0 + (qo >> 4), dk + (ko >> 4), ks > 0 ? 1 : 0);
+            const uint32_t qo = (ks >> 2) * (kBM * 128) + (ks & 3) * 32;
+            const uint32_t ko = (ks >> 2) * (kBN * 128) + (ks & 3) * 32;
+            Wg<T, kBN>::ss(s, dq0 + (qo >> 4), dk + (ko >> 4), ks > 0 ? 1 : 0);
         }
-    };
-    auto gemm_pv = [&](const uint32_t (&p)[PS][4], int jj) {
-        const uint64_t dv = dv0 + (uint64_t)(((jj % STAGES) * C::kTileKV) >> 4);
+    }
+    // O += P V of the V tile in stage st (issue only).
+    __device__ __forceinline__ void gemm_pv(const uint32_t (&p)[PS][4], int st) {
+        const uint64_t dv = dv0 + (uint64_t)((st * kTileKV) >> 4);
 #pragma unroll
         for (int kk = 0; kk < PS; ++kk) Wg<T, D>::rs(o, p[kk], dv + (uint64_t)((kk * 16 * 128) >> 4));
-    };
-    // Mask, online softmax of S (tile jj) -> P (packed A fragments), alpha = rescale of O.
-    auto softmax = [&](float (&s)[BN / 2], int jj, uint32_t (&p)[PS][4], float (&alpha)[2]) {
-        const int* pos = sPos + (jj % RING) * BN;
-        const int last = pos[BN - 1];
-        if (last < 0 || (a.causal && last > qmin)) {
+    }
+    // Mask (key positions pos[0..kBN)), online softmax of S in place -> probabilities; alpha = the
+    // factor O must be rescaled by.
+    __device__ __forceinline__ void softmax(float (&s)[kBN / 2], const int* pos, float (&alpha)[2]) {
+        const int last = pos[kBN - 1];
+        if (last < 0 || (causal && last > qmin)) {
 #pragma unroll
             for (int n = 0; n < NB; ++n) {
                 const int2 kp = *reinterpret_cast<const int2*>(pos + n * 8 + tq * 2);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const bool ok0 = kp.x >= 0 && (!a.causal || kp.x <= qpos[h]);
-                    const bool ok1 = kp.y >= 0 && (!a.causal || kp.y <= qpos[h]);
+                    const bool ok0 = kp.x >= 0 && (!causal || kp.x <= qpos[h]);
+                    const bool ok1 = kp.y >= 0 && (!causal || kp.y <= qpos[h]);
                     if (!ok0) s[4 * n + 2 * h] = -INFINITY;
                     if (!ok1) s[4 * n + 2 * h + 1] = -INFINITY;
                 }
@@ -361,26 +388,25 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
             for (int n = 0; n < NB; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float ms = (mx == -INFINITY) ? 0.f : mx * a.scale_log2;
-            alpha[h] = (mx == -INFINITY) ? 1.f : fast_exp2(m_run[h] * a.scale_log2 - ms);
+            const float ms = (mx == -INFINITY) ? 0.f : mx * sl2;
+            alpha[h] = (mx == -INFINITY) ? 1.f : fast_exp2(m_run[h] * sl2 - ms);
             m_run[h] = mx;
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < NB; ++n) {
-                const float p0 = fast_exp2(s[4 * n + 2 * h] * a.scale_log2 - ms);
-                const float p1 = fast_exp2(s[4 * n + 2 * h + 1] * a.scale_log2 - ms);
+                const float p0 = fast_exp2(s[4 * n + 2 * h] * sl2 - ms);
+                const float p1 = fast_exp2(s[4 * n + 2 * h + 1] * sl2 - ms);
                 s[4 * n + 2 * h] = p0;
                 s[4 * n + 2 * h + 1] = p1;
                 sum += p0 + p1;
             }
             l_run[h] = l_run[h] * alpha[h] + sum;
         }
-#pragma unroll
-        for (int kk = 0; kk < PS; ++kk)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) p[kk][e] = Mma<T>::pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
-    };
-    auto rescale = [&](const float (&alpha)[2]) {
+    }
+    // O *= alpha (per row), then the probabilities -> A fragments of P V (k-step kk = keys
+    // 16 kk .. 16 kk + 15 = n8 blocks 2 kk, 2 kk + 1 of S).
+    __device__ __forceinline__ void rescale_pack(const float (&s)[kBN / 2], const float (&alpha)[2],
+                                                 uint32_t (&p)[PS][4]) {
 #pragma unroll
         for (int d = 0; d < DB; ++d) {
             o[4 * d] *= alpha[0];
@@ -388,7 +414,233 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
             o[4 * d + 2] *= alpha[1];
             o[4 * d + 3] *= alpha[1];
         }
+#pragma unroll
+        for (int kk = 0; kk < PS; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p[kk][e] = Mma<T>::pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+    }
+    // Normalize, stage the warp's 16 rows in its own (swizzled) Q rows, write them coalesced.
+    __device__ __forceinline__ void store(const BsaArgs& a, const WgTile& t, unsigned char* gQ,
+                                          int lane) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float l = l_run[h];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+            for (int d = 0; d < DB; ++d)
+                *reinterpret_cast<uint32_t*>(gQ + swz128<kBM>(row0 + 8 * h, d) + tq * 4) =
+                    Mma<T>::pack(o[4 * d + 2 * h] * inv, o[4 * d + 2 * h + 1] * inv);
+        }
+        __syncwarp();
+        T* out = reinterpret_cast<T*>(a.out);
+        const int wrow0 = row0 - (lane >> 2);
+#pragma unroll
+        for (int ci = lane; ci < 16 * (D / 8); ci += 32) {
+            const int m = wrow0 + ci / (D / 8);
+            const int c = ci % (D / 8);
+            const int g = m / t.P;
+            const int pp = m - g * t.P;
+            if (g < a.head_group && pp < t.npos)
+                *reinterpret_cast<uint4*>(out + (t.qrow0 + (long long)(t.h0 + g) * a.lq + t.t0 + pp) * D +
+                                          c * 8) = *reinterpret_cast<const uint4*>(gQ + swz128<kBM>(m, c));
+        }
+    }
+};
+#endif  // DHSA_WGMMA_ENABLED
+
+// ---------------------------------------------------------------------------------------------
+// Variant "wgmma" (DHSA_VARIANT_WGMMA): warp-specialized. Warpgroup 0 is the producer: it computes
+// the key positions of each tile and gathers the K/V rows with cp.async into a ring of 3 stages
+// (full / empty mbarriers per stage). Warpgroups 1 and 2 are consumers (64 rows each): per tile j
+// they issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} together, run the softmax of S_j while the
+// latter is in flight, and take turns issuing (ping-pong named barriers), so one warpgroup's
+// softmax overlaps the other's GEMMs (FlashAttention-3's schedule).
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kWsStages = 3;
+constexpr int kWsThreads = 384;
+
+template <typename T, int D, bool VAR>
+__global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) {
+#ifdef DHSA_WGMMA_ENABLED
+    constexpr int S = kWsStages;
+    using M = WgRows<T, D>;
+    using L = WgSmem<D, S>;
+    // Static shared memory also marks the sm_90a build (host: sharedSizeBytes > 0).
+    __shared__ int sPos[S * kBN];
+    __shared__ __align__(8) uint64_t sBar[2 * S];  // full[s], empty[s]
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = smem_addr(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    unsigned char* gQ = smem_raw + (base - raw);
+    const uint32_t sQ = base;
+    const uint32_t sK0 = base + L::kTileQ;
+    const uint32_t sV0 = sK0 + S * L::kTileKV;
+    const uint32_t full0 = smem_addr(sBar);
+    const uint32_t empty0 = full0 + 8 * S;
+
+    WgTile t;
+    if (!wg_tile<D, VAR>(a, t)) return;
+    const int tid = threadIdx.x;
+    const int wg = tid >> 7;
+    if (tid == 0) {
+        for (int s = 0; s < S; ++s) {
+            mbar_init(full0 + 8 * s, 128);   // the producer's threads
+            mbar_init(empty0 + 8 * s, 256);  // the consumers' threads
+        }
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---- producer ----
+        setmaxnreg_dec<40>();
+        const T* kbase = reinterpret_cast<const T*>(a.k) + t.kvoff;
+        const T* vbase = reinterpret_cast<const T*>(a.v) + t.kvoff;
+        int cursor = 0;
+        for (int j = 0; j < t.ntiles; ++j) {
+            const int s = j % S;
+            if (j >= S) mbar_wait(empty0 + 8 * s, ((j / S) - 1) & 1);
+            sPos[s * kBN + tid] = wg_stream_key<VAR>(a, t, j * kBN + tid, cursor);
+            named_bar_sync(1, 128);
+            wg_load_kv<T, D, 128>(kbase, vbase, sPos + s * kBN, sK0 + s * L::kTileKV,
+                                  sV0 + s * L::kTileKV, tid);
+            cp_async_commit();
+            if (j >= 1) {  // tile j - 1 has landed: make it visible to the tensor cores
+                cp_async_wait<1>();
+                fence_proxy_async();
+                mbar_arrive(full0 + 8 * ((j - 1) % S));
+            }
+        }
+        if (t.ntiles > 0) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            mbar_arrive(full0 + 8 * ((t.ntiles - 1) % S));
+        }
+    } else {
+        // ---- consumers ----
+        setmaxnreg_inc<232>();
+        const int c = wg - 1;
+        const int lt = tid & 127;
+        wg_load_q<T, D, 128>(a, t, sQ, c * 64, 64, lt);
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();
+        named_bar_sync(2 + c, 128);
+        M rows;
+        rows.init(a, t, c, lt, sQ, sK0, sV0);
+        // Ping-pong: consumer c issues its GEMMs after bar_sync(4 + c), then lets the other go.
+        const int my_bar = 4 + c, other_bar = 5 - c;
+        if (c == 1) named_bar_arrive(4, 256);  // consumer 0 goes first
+        const int n = t.ntiles;
+        if (n > 0) {
+            uint32_t p[M::PS][4];
+            {
+                float s[kBN / 2];
+                float alpha[2];
+                mbar_wait(full0, 0);
+                named_bar_sync(my_bar, 256);
+                wgmma_fence();
+                rows.gemm_s(s, 0);
+                wgmma_commit();
+                named_bar_arrive(other_bar, 256);
+                wgmma_wait<0>();
+                pin(s);
+                rows.softmax(s, sPos, alpha);
+                rows.rescale_pack(s, alpha, p);
+            }
+            for (int j = 1; j < n; ++j) {
+                const int st = j % S;
+                const int sp = (j - 1) % S;
+                float s[kBN / 2];
+                float alpha[2];
+                mbar_wait(full0 + 8 * st, (j / S) & 1);
+                named_bar_sync(my_bar, 256);
+                pin(p);
+                pin(rows.o);
+                wgmma_fence();
+                rows.gemm_s(s, st);
+                wgmma_commit();
+                rows.gemm_pv(p, sp);
+                wgmma_commit();
+                named_bar_arrive(other_bar, 256);
+                wgmma_wait<1>();
+                pin(s);
+                rows.softmax(s, sPos + st * kBN, alpha);
+                wgmma_wait<0>();
+                pin(rows.o);
+                pin(p);
+                mbar_arrive(empty0 + 8 * sp);  // K and V of tile j - 1 are no longer read
+                rows.rescale_pack(s, alpha, p);
+            }
+            named_bar_sync(my_bar, 256);
+            pin(p);
+            pin(rows.o);
+            wgmma_fence();
+            rows.gemm_pv(p, (n - 1) % S);
+            wgmma_commit();
+            if (c == 0) named_bar_arrive(other_bar, 256);  // consumer 1 issues last: no one waits
+            wgmma_wait<0>();
+            pin(rows.o);
+            pin(p);
+        } else if (c == 0) {
+            named_bar_sync(my_bar, 256);  // pairs with consumer 1's first arrive
+        }
+        rows.store(a, t, gQ, tid & 31);
+    }
+#else
+    __trap();  // not built for sm_90a: the host never launches this (see dhsa_kernels.cu)
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variants "wgmma_overlap" / "wgmma_serial" / "wgmma_s2": the two warpgroups also gather the K/V
+// tiles themselves (cp.async ring of STAGES, one __syncthreads per tile); OVERLAP issues S_j with
+// P_{j-1} V_{j-1} (else S, softmax, P V one after the other); PINGPONG orders the two warpgroups'
+// GEMM issue within a tile.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D, int STAGES, bool OVERLAP, bool PINGPONG, bool VAR>
+__global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
+#ifdef DHSA_WGMMA_ENABLED
+    using M = WgRows<T, D>;
+    using L = WgSmem<D, STAGES>;
+    // tiles loaded ahead of the one computed: with OVERLAP the V of tile j - 1 is still read while
+    // tile j is computed, so one stage fewer is free for loads.
+    constexpr int LA = OVERLAP ? STAGES - 2 : STAGES - 1;
+    constexpr int RING = LA + 2;  // key-position slots
+    static_assert(LA >= 1, "at least one tile must be loaded ahead");
+    __shared__ int sPos[RING * kBN];  // also marks the sm_90a build (host: sharedSizeBytes > 0)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t raw = smem_addr(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    unsigned char* gQ = smem_raw + (base - raw);
+    const uint32_t sQ = base;
+    const uint32_t sK0 = base + L::kTileQ;
+    const uint32_t sV0 = sK0 + STAGES * L::kTileKV;
+
+    WgTile t;
+    if (!wg_tile<D, VAR>(a, t)) return;
+    const int tid = threadIdx.x;
+    const int wg = tid >> 7;
+    const T* kbase = reinterpret_cast<const T*>(a.k) + t.kvoff;
+    const T* vbase = reinterpret_cast<const T*>(a.v) + t.kvoff;
+    const int ntiles = t.ntiles;
+
+    wg_load_q<T, D, 256>(a, t, sQ, 0, kBM, tid);
+    // Key positions of tile jj into sPos[jj % RING] (threads tid < kBN, one slot each).
+    int cursor = 0;
+    auto compute_pos = [&](int jj) {
+        if (tid < kBN) sPos[(jj % RING) * kBN + tid] = wg_stream_key<VAR>(a, t, jj * kBN + tid, cursor);
     };
+    auto load_tile = [&](int jj) {
+        const int st = jj % STAGES;
+        wg_load_kv<T, D, 256>(kbase, vbase, sPos + (jj % RING) * kBN, sK0 + st * L::kTileKV,
+                              sV0 + st * L::kTileKV, tid);
+    };
+    M rows;
+    rows.init(a, t, wg, tid & 127, sQ, sK0, sV0);
 
     for (int jj = 0; jj <= LA; ++jj) compute_pos(jj);
     __syncthreads();
@@ -397,7 +649,6 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
         if (jj < ntiles) load_tile(jj);
         cp_async_commit();  // Q joins tile 0's group; empty groups keep the count uniform
     }
-
     // Top of tile jj: its K/V have landed and are visible to the tensor cores; every thread is done
     // with tile jj - 1's slots, so tile jj + LA is loaded into the stage that held tile jj - 1
     // (jj - 2 with OVERLAP: V of jj - 1 is still read).
@@ -409,121 +660,75 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
         cp_async_commit();
     };
     if constexpr (OVERLAP) {
-        // Straight-line issue/wait pairs (no branch between a wgmma and its wait) keep ptxas from
-        // serializing the asynchronous MMAs (C7514).
         if (ntiles > 0) {
-            uint32_t p[PS][4];
+            uint32_t p[M::PS][4];
             {
                 begin_tile(0);
-                float s[BN / 2];
+                float s[kBN / 2];
                 float alpha[2];
                 wgmma_fence();
-                gemm_s(s, 0);
+                rows.gemm_s(s, 0);
                 wgmma_commit();
                 wgmma_wait<0>();
                 pin(s);
-                softmax(s, 0, p, alpha);  // O is still 0: no rescale
+                rows.softmax(s, sPos, alpha);
+                rows.rescale_pack(s, alpha, p);
                 compute_pos(LA + 1);
             }
-            // Tile j: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together, softmax of S_j
-            // into the other P buffer meanwhile. Two P buffers used alternately (the loop is
-            // unrolled by two): with one buffer and a copy, ptxas lets the new P share the
-            // registers of the in-flight one and then serializes the wgmmas (C7513).
-            auto step = [&](int j, uint32_t (&pc)[PS][4], uint32_t (&pn)[PS][4]) {
+            for (int j = 1; j < ntiles; ++j) {
                 begin_tile(j);
-                float s[BN / 2];
+                float s[kBN / 2];
                 float alpha[2];
-                pin(pc);
-                pin(o);
+                if (PINGPONG && wg == 1) named_bar_sync(1, 256);
+                pin(p);
+                pin(rows.o);
                 wgmma_fence();
-                gemm_s(s, j);
+                rows.gemm_s(s, j % STAGES);
                 wgmma_commit();
-                gemm_pv(pc, j - 1);
+                rows.gemm_pv(p, (j - 1) % STAGES);
                 wgmma_commit();
+                if (PINGPONG && wg == 0) named_bar_arrive(1, 256);
                 wgmma_wait<1>();
                 pin(s);
-                softmax(s, j, pn, alpha);
+                rows.softmax(s, sPos + (j % RING) * kBN, alpha);
                 wgmma_wait<0>();
-                pin(o);
-                pin(pc);
-                rescale(alpha);
+                pin(rows.o);
+                pin(p);
+                rows.rescale_pack(s, alpha, p);  // P is rewritten only once its P V is done
                 compute_pos(j + LA + 1);
-            };
-            auto last_pv = [&](uint32_t (&pc)[PS][4]) {
-                wgmma_fence();
-                gemm_pv(pc, ntiles - 1);
-                wgmma_commit();
-                wgmma_wait<0>();
-                pin(o);
-                pin(pc);
-            };
-            uint32_t p2[PS][4];
-            int j = 1;
-            for (; j + 1 < ntiles; j += 2) {
-                step(j, p, p2);
-                step(j + 1, p2, p);
             }
-            if (j < ntiles) {
-                step(j, p, p2);
-                last_pv(p2);
-            } else {
-                last_pv(p);
-            }
+            wgmma_fence();
+            rows.gemm_pv(p, (ntiles - 1) % STAGES);
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin(rows.o);
+            pin(p);
         }
     } else {
         for (int j = 0; j < ntiles; ++j) {
             begin_tile(j);
-            float s[BN / 2];
-            uint32_t p[PS][4];
+            float s[kBN / 2];
+            uint32_t p[M::PS][4];
             float alpha[2];
             wgmma_fence();
-            gemm_s(s, j);
+            rows.gemm_s(s, j % STAGES);
             wgmma_commit();
             wgmma_wait<0>();
             pin(s);
-            softmax(s, j, p, alpha);
-            rescale(alpha);
+            rows.softmax(s, sPos + (j % RING) * kBN, alpha);
+            rows.rescale_pack(s, alpha, p);
             wgmma_fence();
-            gemm_pv(p, j);
+            rows.gemm_pv(p, j % STAGES);
             wgmma_commit();
             wgmma_wait<0>();
-            pin(o);
+            pin(rows.o);
             pin(p);
             compute_pos(j + LA + 1);
         }
     }
     cp_async_wait<0>();
     __syncthreads();
-
-    // ---- epilogue: normalize, stage the warp's rows in its own Q rows, write coalesced ----
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float l = l_run[h];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = row0 + 8 * h;
-#pragma unroll
-        for (int d = 0; d < DB; ++d) {
-            const uint32_t packed = Mma<T>::pack(o[4 * d + 2 * h] * inv, o[4 * d + 2 * h + 1] * inv);
-            *reinterpret_cast<uint32_t*>(gbase + swz128<BM>(row, d) + tq * 4) = packed;
-        }
-    }
-    __syncwarp();
-    T* out = reinterpret_cast<T*>(a.out);
-    const int warp_row0 = wg * 64 + (warp & 3) * 16;
-#pragma unroll
-    for (int ci = lane; ci < 16 * (D / 8); ci += 32) {
-        const int m = warp_row0 + ci / (D / 8);
-        const int c = ci % (D / 8);
-        const int gg = m / P;
-        const int pp = m - gg * P;
-        if (gg < a.head_group && pp < npos) {
-            const uint4 val = *reinterpret_cast<const uint4*>(gbase + swz128<BM>(m, c));
-            *reinterpret_cast<uint4*>(out + (qrow0 + (long long)(h0 + gg) * a.lq + t0 + pp) * D +
-                                      c * 8) = val;
-        }
-    }
+    rows.store(a, t, gQ, tid & 31);
 #else
     __trap();  // not built for sm_90a: the host never launches this (see dhsa_kernels.cu)
 #endif

@@ -115,7 +115,7 @@ int validate(const DhsaBsaParams* p) {
                                                                (1ll << 31))
         return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
                     elems_k);
-    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_S2)
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_OVERLAP)
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
     return DHSA_STATUS_OK;
 }
@@ -164,34 +164,45 @@ bool wgmma_device() {
     return major == 9 && minor == 0;
 }
 
-template <typename T, int D, int STAGES, bool OVERLAP>
-bool wgmma_built() {
+// An sm_90a image of `kernel` is loaded (other builds hold a stub without the kernel's static
+// shared memory).
+bool wgmma_built(void (*kernel)(dhsa::BsaArgs)) {
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, false>) !=
-        cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
         cudaGetLastError();  // clear the error (no image for this device)
         return false;
     }
     return attr.sharedSizeBytes > 0;
 }
 
-template <typename T, int D, int STAGES, bool OVERLAP>
-int launch_wgmma(const dhsa::BsaArgs& args, cudaStream_t stream) {
-    using C = dhsa::sm90::WgConfig<D, STAGES, OVERLAP>;
-    if (!wgmma_device() || !wgmma_built<T, D, STAGES, OVERLAP>())
+int launch_sm90(void (*fixed)(dhsa::BsaArgs), void (*var)(dhsa::BsaArgs), int threads,
+                int smem_bytes, const dhsa::BsaArgs& args, cudaStream_t stream) {
+    if (!wgmma_device() || !wgmma_built(fixed))
         return fail(DHSA_STATUS_UNSUPPORTED,
                     "the wgmma variants need a compute capability 9.0 GPU and a library built for "
                     "sm_90a (-gencode arch=compute_90a,code=sm_90a)");
-    auto kernel = args.key_chunk_offsets != nullptr
-                      ? dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, true>
-                      : dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, false>;
-    return launch_grid(kernel, C::BM, C::kThreads, C::kSmemBytes, args, stream);
+    return launch_grid(args.key_chunk_offsets != nullptr ? var : fixed, dhsa::sm90::kBM, threads,
+                       smem_bytes, args, stream);
 }
 
-template <typename T, int STAGES, bool OVERLAP>
+template <typename T, int D>
+int launch_wgmma_ws(const dhsa::BsaArgs& a, cudaStream_t stream) {
+    return launch_sm90(dhsa::sm90::bsa_wgmma_ws_kernel<T, D, false>,
+                       dhsa::sm90::bsa_wgmma_ws_kernel<T, D, true>, dhsa::sm90::kWsThreads,
+                       dhsa::sm90::WgSmem<D, dhsa::sm90::kWsStages>::kBytes, a, stream);
+}
+
+template <typename T, int D, int STAGES, bool OVERLAP, bool PINGPONG>
+int launch_wgmma(const dhsa::BsaArgs& a, cudaStream_t stream) {
+    return launch_sm90(dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, PINGPONG, false>,
+                       dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, PINGPONG, true>, 256,
+                       dhsa::sm90::WgSmem<D, STAGES>::kBytes, a, stream);
+}
+
+template <typename T, int STAGES, bool OVERLAP, bool PINGPONG = false>
 int launch_wgmma_d(const dhsa::BsaArgs& a, int head_dim, cudaStream_t stream) {
-    return head_dim == 64 ? launch_wgmma<T, 64, STAGES, OVERLAP>(a, stream)
-                          : launch_wgmma<T, 128, STAGES, OVERLAP>(a, stream);
+    return head_dim == 64 ? launch_wgmma<T, 64, STAGES, OVERLAP, PINGPONG>(a, stream)
+                          : launch_wgmma<T, 128, STAGES, OVERLAP, PINGPONG>(a, stream);
 }
 
 template <typename T>
@@ -203,15 +214,19 @@ int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t str
         // query block, the 64-row tile wastes fewer rows.
         if ((long long)a.head_group * a.q_block < 128)
             variant = DHSA_VARIANT_M64;
-        else if (wgmma_device() && (head_dim == 64 ? wgmma_built<T, 64, 3, true>()
-                                                   : wgmma_built<T, 128, 3, true>()))
+        else if (wgmma_device() &&
+                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, false>
+                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, false>))
             variant = DHSA_VARIANT_WGMMA;
         else
             variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
         case DHSA_VARIANT_WGMMA:
-            return launch_wgmma_d<T, 3, true>(a, head_dim, stream);
+            return head_dim == 64 ? launch_wgmma_ws<T, 64>(a, stream)
+                                  : launch_wgmma_ws<T, 128>(a, stream);
+        case DHSA_VARIANT_WGMMA_OVERLAP:
+            return launch_wgmma_d<T, 3, true, true>(a, head_dim, stream);
         case DHSA_VARIANT_WGMMA_SERIAL:
             return launch_wgmma_d<T, 3, false>(a, head_dim, stream);
         case DHSA_VARIANT_WGMMA_S2:
