@@ -9,12 +9,13 @@ set -uo pipefail
 OUT="${OUT:-out/gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=",${STEPS:-smoke,tests,attention},"
 status=0
 step() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
 if step smoke; then
-  timeout "${SMOKE_TIMEOUT:-120}" python3 tools/gpu/smoke_variants.py --variants "${SMOKE_VARIANTS:-wgmma,wgmma_serial,wgmma_s2,wgmma_overlap}" \
-    2>&1 | tee "$OUT/smoke.log" || status=1
+  timeout "${SMOKE_TIMEOUT:-90}" python3 tools/gpu/smoke_variants.py --variants "${SMOKE_VARIANTS:-wgmma,wgmma_serial,wgmma_s2,wgmma_overlap}" \
+    2>&1 | tee "$OUT/smoke.log" || { echo "smoke check failed: stopping"; exit 1; }
 fi
 if step tests; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu ${TESTS:-tests/backends/test_torch_cuda.py} -p no:cacheprovider -rfE \
