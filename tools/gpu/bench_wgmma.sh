@@ -14,7 +14,7 @@ STEPS=",${STEPS:-smoke,tests,attention},"
 status=0
 step() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
 if step smoke; then
-  timeout "${SMOKE_TIMEOUT:-90}" python3 tools/gpu/smoke_variants.py --variants "${SMOKE_VARIANTS:-wgmma,wgmma_serial,wgmma_s2,wgmma_overlap}" \
+  timeout "${SMOKE_TIMEOUT:-90}" python3 tools/gpu/smoke_variants.py --variants "${SMOKE_VARIANTS:-wgmma,wgmma_serial,wgmma_s2,wgmma_overlap,wgmma_ws_nopp}" \
     2>&1 | tee "$OUT/smoke.log" || { echo "smoke check failed: stopping"; exit 1; }
 fi
 if step tests; then
@@ -25,7 +25,7 @@ if step tests; then
 fi
 if step attention; then
   timeout "${BENCH_TIMEOUT:-300}" python3 -m dhsa_export.bench.attention --tokens "${TOKENS:-8192,32768,65536,131072}" \
-    --pattern vslash --variants "${VARIANTS:-auto,m128w4,wgmma,wgmma_serial,wgmma_s2,wgmma_overlap}" \
+    --pattern vslash --variants "${VARIANTS:-auto,m128w4,wgmma,wgmma_serial,wgmma_s2,wgmma_overlap,wgmma_ws_nopp}" \
     --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" | grep -v "^|" || status=1
 fi
 exit $status

@@ -462,7 +462,7 @@ struct WgRows {
 constexpr int kWsStages = 3;
 constexpr int kWsThreads = 384;
 
-template <typename T, int D, bool VAR>
+template <typename T, int D, bool PINGPONG, bool VAR>
 __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) {
 #ifdef DHSA_WGMMA_ENABLED
     constexpr int S = kWsStages;
@@ -501,17 +501,19 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
         int cursor = 0;
         for (int j = 0; j < t.ntiles; ++j) {
             const int s = j % S;
+            // Tile j - 1 is published as soon as it has landed (visible to the tensor cores), before
+            // waiting for a free stage: the consumers never wait for the issue of a later tile.
+            if (j >= 1) {
+                cp_async_wait<0>();
+                fence_proxy_async();
+                mbar_arrive(full0 + 8 * ((j - 1) % S));
+            }
             if (j >= S) mbar_wait(empty0 + 8 * s, ((j / S) - 1) & 1);
             sPos[s * kBN + tid] = wg_stream_key<VAR>(a, t, j * kBN + tid, cursor);
             named_bar_sync(1, 128);
             wg_load_kv<T, D, 128>(kbase, vbase, sPos + s * kBN, sK0 + s * L::kTileKV,
                                   sV0 + s * L::kTileKV, tid);
             cp_async_commit();
-            if (j >= 1) {  // tile j - 1 has landed: make it visible to the tensor cores
-                cp_async_wait<1>();
-                fence_proxy_async();
-                mbar_arrive(full0 + 8 * ((j - 1) % S));
-            }
         }
         if (t.ntiles > 0) {
             cp_async_wait<0>();
@@ -532,7 +534,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
         rows.init(a, t, c, lt, sQ, sK0, sV0);
         // Ping-pong: consumer c issues its GEMMs after bar_sync(4 + c), then lets the other go.
         const int my_bar = 4 + c, other_bar = 5 - c;
-        if (c == 1) named_bar_arrive(4, 256);  // consumer 0 goes first
+        if (PINGPONG && c == 1) named_bar_arrive(4, 256);  // consumer 0 goes first
         const int n = t.ntiles;
         if (n > 0) {
             uint32_t p[M::PS][4];
@@ -540,11 +542,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
                 float s[kBN / 2];
                 float alpha[2];
                 mbar_wait(full0, 0);
-                named_bar_sync(my_bar, 256);
+                if (PINGPONG) named_bar_sync(my_bar, 256);
                 wgmma_fence();
                 rows.gemm_s(s, 0);
                 wgmma_commit();
-                named_bar_arrive(other_bar, 256);
+                if (PINGPONG) named_bar_arrive(other_bar, 256);
                 wgmma_wait<0>();
                 pin(s);
                 rows.softmax(s, sPos, alpha);
@@ -556,7 +558,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
                 float s[kBN / 2];
                 float alpha[2];
                 mbar_wait(full0 + 8 * st, (j / S) & 1);
-                named_bar_sync(my_bar, 256);
+                if (PINGPONG) named_bar_sync(my_bar, 256);
                 pin(p);
                 pin(rows.o);
                 wgmma_fence();
@@ -564,7 +566,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
                 wgmma_commit();
                 rows.gemm_pv(p, sp);
                 wgmma_commit();
-                named_bar_arrive(other_bar, 256);
+                if (PINGPONG) named_bar_arrive(other_bar, 256);
                 wgmma_wait<1>();
                 pin(s);
                 rows.softmax(s, sPos + st * kBN, alpha);
@@ -574,17 +576,17 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
                 mbar_arrive(empty0 + 8 * sp);  // K and V of tile j - 1 are no longer read
                 rows.rescale_pack(s, alpha, p);
             }
-            named_bar_sync(my_bar, 256);
+            if (PINGPONG) named_bar_sync(my_bar, 256);
             pin(p);
             pin(rows.o);
             wgmma_fence();
             rows.gemm_pv(p, (n - 1) % S);
             wgmma_commit();
-            if (c == 0) named_bar_arrive(other_bar, 256);  // consumer 1 issues last: no one waits
+            if (PINGPONG && c == 0) named_bar_arrive(other_bar, 256);  // consumer 1 issues last: no one waits
             wgmma_wait<0>();
             pin(rows.o);
             pin(p);
-        } else if (c == 0) {
+        } else if (PINGPONG && c == 0) {
             named_bar_sync(my_bar, 256);  // pairs with consumer 1's first arrive
         }
         rows.store(a, t, gQ, tid & 31);

@@ -115,7 +115,7 @@ int validate(const DhsaBsaParams* p) {
                                                                (1ll << 31))
         return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
                     elems_k);
-    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_OVERLAP)
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_WS_NOPP)
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
     return DHSA_STATUS_OK;
 }
@@ -185,10 +185,10 @@ int launch_sm90(void (*fixed)(dhsa::BsaArgs), void (*var)(dhsa::BsaArgs), int th
                        smem_bytes, args, stream);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool PINGPONG>
 int launch_wgmma_ws(const dhsa::BsaArgs& a, cudaStream_t stream) {
-    return launch_sm90(dhsa::sm90::bsa_wgmma_ws_kernel<T, D, false>,
-                       dhsa::sm90::bsa_wgmma_ws_kernel<T, D, true>, dhsa::sm90::kWsThreads,
+    return launch_sm90(dhsa::sm90::bsa_wgmma_ws_kernel<T, D, PINGPONG, false>,
+                       dhsa::sm90::bsa_wgmma_ws_kernel<T, D, PINGPONG, true>, dhsa::sm90::kWsThreads,
                        dhsa::sm90::WgSmem<D, dhsa::sm90::kWsStages>::kBytes, a, stream);
 }
 
@@ -215,16 +215,19 @@ int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t str
         if ((long long)a.head_group * a.q_block < 128)
             variant = DHSA_VARIANT_M64;
         else if (wgmma_device() &&
-                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, false>
-                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, false>))
+                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, true, false>
+                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, true, false>))
             variant = DHSA_VARIANT_WGMMA;
         else
             variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
         case DHSA_VARIANT_WGMMA:
-            return head_dim == 64 ? launch_wgmma_ws<T, 64>(a, stream)
-                                  : launch_wgmma_ws<T, 128>(a, stream);
+            return head_dim == 64 ? launch_wgmma_ws<T, 64, true>(a, stream)
+                                  : launch_wgmma_ws<T, 128, true>(a, stream);
+        case DHSA_VARIANT_WGMMA_WS_NOPP:
+            return head_dim == 64 ? launch_wgmma_ws<T, 64, false>(a, stream)
+                                  : launch_wgmma_ws<T, 128, false>(a, stream);
         case DHSA_VARIANT_WGMMA_OVERLAP:
             return launch_wgmma_d<T, 3, true, true>(a, head_dim, stream);
         case DHSA_VARIANT_WGMMA_SERIAL:

@@ -74,6 +74,7 @@ extern "C" {
 #define DHSA_VARIANT_WGMMA_SERIAL 6  /* no producer: 3 K/V stages, S, softmax, P V in turn */
 #define DHSA_VARIANT_WGMMA_S2 7      /* no producer: 2 K/V stages, serial */
 #define DHSA_VARIANT_WGMMA_OVERLAP 8 /* no producer: 3 stages, S_j with P_{j-1} V_{j-1}, ping-pong */
+#define DHSA_VARIANT_WGMMA_WS_NOPP 9 /* as WGMMA without the ping-pong */
 
 typedef struct DhsaBsaParams {
     const void* q;                    /* [B, Hq, Lq, D] */
