@@ -79,7 +79,8 @@ def run_kernel(q, k, v, selections, variable, q_block, k_block, variant=None, ca
     return out
 
 
-WGMMA = {"wgmma": 5, "wgmma_serial": 6, "wgmma_s2": 7, "wgmma_overlap": 8, "wgmma_ws_nopp": 9}  # library.VARIANTS (Hopper, sm_90a builds)
+# library.VARIANTS of the Hopper kernels (compute capability 9.0 with an sm_90a build)
+WGMMA = {"wgmma": 5, "wgmma_serial": 6, "wgmma_ws": 7, "wgmma_nosplit": 8}
 ALL_VARIANTS = [1, 2, 3, 4, *WGMMA.values()]
 VARIANT_IDS = ["m64", "m128", "m128w4", "m256", *WGMMA]
 

@@ -287,10 +287,10 @@ __device__ __forceinline__ void wg_load_q(const BsaArgs& a, const WgTile& t, uin
     }
 }
 
-// cp.async gather of the K and V rows at key positions pos[0..kBN) by NT threads (zeros for -1).
+// cp.async gather of the rows of one matrix (K or V) at key positions pos[0..kBN) by NT threads
+// into a swizzled tile (zeros for -1).
 template <typename T, int D, int NT>
-__device__ __forceinline__ void wg_load_kv(const T* kbase, const T* vbase, const int* pos,
-                                           uint32_t dK, uint32_t dV, int tid) {
+__device__ __forceinline__ void wg_load_rows(const T* base, const int* pos, uint32_t dst, int tid) {
     constexpr int CPR = D / 8;
     constexpr int RPP = NT / CPR;
     static_assert(NT % CPR == 0 && kBN % RPP == 0, "threads per K/V row");
@@ -300,10 +300,7 @@ __device__ __forceinline__ void wg_load_kv(const T* kbase, const T* vbase, const
         const int row = it * RPP + tid / CPR;
         const int kp = pos[row];
         const bool valid = kp >= 0;
-        const long long off = (long long)(valid ? kp : 0) * D + c * 8;
-        const uint32_t o = swz128<kBN>(row, c);
-        cp_async16(dK + o, kbase + off, valid);
-        cp_async16(dV + o, vbase + off, valid);
+        cp_async16(dst + swz128<kBN>(row, c), base + (long long)(valid ? kp : 0) * D + c * 8, valid);
     }
 }
 
@@ -471,6 +468,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
     // Static shared memory also marks the sm_90a build (host: sharedSizeBytes > 0).
     __shared__ int sPos[S * kBN];
     __shared__ __align__(8) uint64_t sBar[2 * S];  // full[s], empty[s]
+    static_assert(L::kBytes + sizeof(sPos) + sizeof(sBar) <= 232448, "more shared memory than a block has");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw = smem_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u;
@@ -511,8 +509,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
             if (j >= S) mbar_wait(empty0 + 8 * s, ((j / S) - 1) & 1);
             sPos[s * kBN + tid] = wg_stream_key<VAR>(a, t, j * kBN + tid, cursor);
             named_bar_sync(1, 128);
-            wg_load_kv<T, D, 128>(kbase, vbase, sPos + s * kBN, sK0 + s * L::kTileKV,
-                                  sV0 + s * L::kTileKV, tid);
+            wg_load_rows<T, D, 128>(kbase, sPos + s * kBN, sK0 + s * L::kTileKV, tid);
+            wg_load_rows<T, D, 128>(vbase, sPos + s * kBN, sV0 + s * L::kTileKV, tid);
             cp_async_commit();
         }
         if (t.ntiles > 0) {
@@ -603,17 +601,23 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
 // GEMM issue within a tile.
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D, int STAGES, bool OVERLAP, bool PINGPONG, bool VAR>
+template <typename T, int D, int STAGES, bool OVERLAP, bool PINGPONG, bool SPLIT, bool VAR>
 __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
 #ifdef DHSA_WGMMA_ENABLED
     using M = WgRows<T, D>;
     using L = WgSmem<D, STAGES>;
-    // tiles loaded ahead of the one computed: with OVERLAP the V of tile j - 1 is still read while
-    // tile j is computed, so one stage fewer is free for loads.
-    constexpr int LA = OVERLAP ? STAGES - 2 : STAGES - 1;
-    constexpr int RING = LA + 2;  // key-position slots
-    static_assert(LA >= 1, "at least one tile must be loaded ahead");
+    // Tiles loaded ahead of the one computed (KA for K, VA for V). Serial: STAGES - 1 for both.
+    // OVERLAP: the V of tile j - 1 is still read while tile j is computed, so one stage fewer is
+    // free (STAGES - 2); with SPLIT (3 stages) K is loaded two tiles ahead and V one: at the top of
+    // tile j, K_{j+2} goes into the stage of K_{j-1} (its S GEMM is done) and V_{j+1} into that of
+    // V_{j-2}; both are first read two tiles later.
+    static_assert(!SPLIT || (OVERLAP && STAGES == 3), "SPLIT is the 3-stage overlapped schedule");
+    constexpr int KA = SPLIT ? 2 : (OVERLAP ? STAGES - 2 : STAGES - 1);
+    constexpr int VA = SPLIT ? 1 : KA;
+    constexpr int RING = KA + 2;  // key-position slots
+    static_assert(VA >= 1, "at least one tile must be loaded ahead");
     __shared__ int sPos[RING * kBN];  // also marks the sm_90a build (host: sharedSizeBytes > 0)
+    static_assert(L::kBytes + sizeof(sPos) <= 232448, "more shared memory than an sm_90 block has");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t raw = smem_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u;
@@ -636,29 +640,31 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
     auto compute_pos = [&](int jj) {
         if (tid < kBN) sPos[(jj % RING) * kBN + tid] = wg_stream_key<VAR>(a, t, jj * kBN + tid, cursor);
     };
-    auto load_tile = [&](int jj) {
-        const int st = jj % STAGES;
-        wg_load_kv<T, D, 256>(kbase, vbase, sPos + (jj % RING) * kBN, sK0 + st * L::kTileKV,
-                              sV0 + st * L::kTileKV, tid);
+    auto load_k = [&](int jj) {
+        wg_load_rows<T, D, 256>(kbase, sPos + (jj % RING) * kBN, sK0 + (jj % STAGES) * L::kTileKV, tid);
+    };
+    auto load_v = [&](int jj) {
+        wg_load_rows<T, D, 256>(vbase, sPos + (jj % RING) * kBN, sV0 + (jj % STAGES) * L::kTileKV, tid);
     };
     M rows;
     rows.init(a, t, wg, tid & 127, sQ, sK0, sV0);
 
-    for (int jj = 0; jj <= LA; ++jj) compute_pos(jj);
+    for (int jj = 0; jj <= KA; ++jj) compute_pos(jj);
     __syncthreads();
 #pragma unroll
-    for (int jj = 0; jj < LA; ++jj) {
-        if (jj < ntiles) load_tile(jj);
+    for (int jj = 0; jj < KA; ++jj) {
+        if (jj < ntiles) load_k(jj);
+        if (jj < VA && jj < ntiles) load_v(jj);
         cp_async_commit();  // Q joins tile 0's group; empty groups keep the count uniform
     }
-    // Top of tile jj: its K/V have landed and are visible to the tensor cores; every thread is done
-    // with tile jj - 1's slots, so tile jj + LA is loaded into the stage that held tile jj - 1
-    // (jj - 2 with OVERLAP: V of jj - 1 is still read).
+    // Top of tile jj: K_jj and V_{jj-1} (V_jj without OVERLAP) have landed and are visible to the
+    // tensor cores; every thread is done with the slots of the tiles loaded next.
     auto begin_tile = [&](int jj) {
-        cp_async_wait<LA - 1>();
+        cp_async_wait<KA - 1>();
         fence_proxy_async();
         __syncthreads();
-        if (jj + LA < ntiles) load_tile(jj + LA);
+        if (jj + KA < ntiles) load_k(jj + KA);
+        if (jj + VA < ntiles) load_v(jj + VA);
         cp_async_commit();
     };
     if constexpr (OVERLAP) {
@@ -675,7 +681,7 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
                 pin(s);
                 rows.softmax(s, sPos, alpha);
                 rows.rescale_pack(s, alpha, p);
-                compute_pos(LA + 1);
+                compute_pos(KA + 1);
             }
             for (int j = 1; j < ntiles; ++j) {
                 begin_tile(j);
@@ -697,7 +703,7 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
                 pin(rows.o);
                 pin(p);
                 rows.rescale_pack(s, alpha, p);  // P is rewritten only once its P V is done
-                compute_pos(j + LA + 1);
+                compute_pos(j + KA + 1);
             }
             wgmma_fence();
             rows.gemm_pv(p, (ntiles - 1) % STAGES);
@@ -725,7 +731,7 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
             wgmma_wait<0>();
             pin(rows.o);
             pin(p);
-            compute_pos(j + LA + 1);
+            compute_pos(j + KA + 1);
         }
     }
     cp_async_wait<0>();

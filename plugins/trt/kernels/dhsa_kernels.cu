@@ -115,7 +115,7 @@ int validate(const DhsaBsaParams* p) {
                                                                (1ll << 31))
         return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
                     elems_k);
-    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_WS_NOPP)
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_NOSPLIT)
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
     return DHSA_STATUS_OK;
 }
@@ -192,17 +192,18 @@ int launch_wgmma_ws(const dhsa::BsaArgs& a, cudaStream_t stream) {
                        dhsa::sm90::WgSmem<D, dhsa::sm90::kWsStages>::kBytes, a, stream);
 }
 
-template <typename T, int D, int STAGES, bool OVERLAP, bool PINGPONG>
+template <typename T, int D, bool OVERLAP, bool SPLIT>
 int launch_wgmma(const dhsa::BsaArgs& a, cudaStream_t stream) {
-    return launch_sm90(dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, PINGPONG, false>,
-                       dhsa::sm90::bsa_wgmma_kernel<T, D, STAGES, OVERLAP, PINGPONG, true>, 256,
-                       dhsa::sm90::WgSmem<D, STAGES>::kBytes, a, stream);
+    // 3 K/V stages; the ping-pong goes with the overlapped schedule
+    return launch_sm90(dhsa::sm90::bsa_wgmma_kernel<T, D, 3, OVERLAP, OVERLAP, SPLIT, false>,
+                       dhsa::sm90::bsa_wgmma_kernel<T, D, 3, OVERLAP, OVERLAP, SPLIT, true>, 256,
+                       dhsa::sm90::WgSmem<D, 3>::kBytes, a, stream);
 }
 
-template <typename T, int STAGES, bool OVERLAP, bool PINGPONG = false>
+template <typename T, bool OVERLAP, bool SPLIT>
 int launch_wgmma_d(const dhsa::BsaArgs& a, int head_dim, cudaStream_t stream) {
-    return head_dim == 64 ? launch_wgmma<T, 64, STAGES, OVERLAP, PINGPONG>(a, stream)
-                          : launch_wgmma<T, 128, STAGES, OVERLAP, PINGPONG>(a, stream);
+    return head_dim == 64 ? launch_wgmma<T, 64, OVERLAP, SPLIT>(a, stream)
+                          : launch_wgmma<T, 128, OVERLAP, SPLIT>(a, stream);
 }
 
 template <typename T>
@@ -215,25 +216,23 @@ int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t str
         if ((long long)a.head_group * a.q_block < 128)
             variant = DHSA_VARIANT_M64;
         else if (wgmma_device() &&
-                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, true, false>
-                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, true, false>))
+                 wgmma_built(head_dim == 64
+                                 ? dhsa::sm90::bsa_wgmma_kernel<T, 64, 3, true, true, true, false>
+                                 : dhsa::sm90::bsa_wgmma_kernel<T, 128, 3, true, true, true, false>))
             variant = DHSA_VARIANT_WGMMA;
         else
             variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
         case DHSA_VARIANT_WGMMA:
+            return launch_wgmma_d<T, true, true>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_SERIAL:
+            return launch_wgmma_d<T, false, false>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_WS:
             return head_dim == 64 ? launch_wgmma_ws<T, 64, true>(a, stream)
                                   : launch_wgmma_ws<T, 128, true>(a, stream);
-        case DHSA_VARIANT_WGMMA_WS_NOPP:
-            return head_dim == 64 ? launch_wgmma_ws<T, 64, false>(a, stream)
-                                  : launch_wgmma_ws<T, 128, false>(a, stream);
-        case DHSA_VARIANT_WGMMA_OVERLAP:
-            return launch_wgmma_d<T, 3, true, true>(a, head_dim, stream);
-        case DHSA_VARIANT_WGMMA_SERIAL:
-            return launch_wgmma_d<T, 3, false>(a, head_dim, stream);
-        case DHSA_VARIANT_WGMMA_S2:
-            return launch_wgmma_d<T, 2, false>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_NOSPLIT:
+            return launch_wgmma_d<T, true, false>(a, head_dim, stream);
         case DHSA_VARIANT_M128:
             return head_dim == 64 ? launch_attention<T, 64, 8, 1>(a, stream)
                                   : launch_attention<T, 128, 8, 1>(a, stream);
