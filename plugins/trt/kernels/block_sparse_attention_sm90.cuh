@@ -287,10 +287,12 @@ __device__ __forceinline__ void wg_load_q(const BsaArgs& a, const WgTile& t, uin
     }
 }
 
-// cp.async gather of the rows of one matrix (K or V) at key positions pos[0..kBN) by NT threads
-// into a swizzled tile (zeros for -1).
+// cp.async gather by NT threads of the K rows at key positions kpos[0..kBN) (if do_k) and of the V
+// rows at vpos[0..kBN) (if do_v) into swizzled tiles (zeros for position -1).
 template <typename T, int D, int NT>
-__device__ __forceinline__ void wg_load_rows(const T* base, const int* pos, uint32_t dst, int tid) {
+__device__ __forceinline__ void wg_load_kv(const T* kbase, const int* kpos, uint32_t dK, bool do_k,
+                                           const T* vbase, const int* vpos, uint32_t dV, bool do_v,
+                                           int tid) {
     constexpr int CPR = D / 8;
     constexpr int RPP = NT / CPR;
     static_assert(NT % CPR == 0 && kBN % RPP == 0, "threads per K/V row");
@@ -298,9 +300,15 @@ __device__ __forceinline__ void wg_load_rows(const T* base, const int* pos, uint
 #pragma unroll
     for (int it = 0; it < kBN / RPP; ++it) {
         const int row = it * RPP + tid / CPR;
-        const int kp = pos[row];
-        const bool valid = kp >= 0;
-        cp_async16(dst + swz128<kBN>(row, c), base + (long long)(valid ? kp : 0) * D + c * 8, valid);
+        const uint32_t o = swz128<kBN>(row, c);
+        if (do_k) {
+            const int kp = kpos[row];
+            cp_async16(dK + o, kbase + (long long)(kp >= 0 ? kp : 0) * D + c * 8, kp >= 0);
+        }
+        if (do_v) {
+            const int kp = vpos[row];
+            cp_async16(dV + o, vbase + (long long)(kp >= 0 ? kp : 0) * D + c * 8, kp >= 0);
+        }
     }
 }
 
@@ -509,8 +517,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
             if (j >= S) mbar_wait(empty0 + 8 * s, ((j / S) - 1) & 1);
             sPos[s * kBN + tid] = wg_stream_key<VAR>(a, t, j * kBN + tid, cursor);
             named_bar_sync(1, 128);
-            wg_load_rows<T, D, 128>(kbase, sPos + s * kBN, sK0 + s * L::kTileKV, tid);
-            wg_load_rows<T, D, 128>(vbase, sPos + s * kBN, sV0 + s * L::kTileKV, tid);
+            wg_load_kv<T, D, 128>(kbase, sPos + s * kBN, sK0 + s * L::kTileKV, true, vbase,
+                                  sPos + s * kBN, sV0 + s * L::kTileKV, true, tid);
             cp_async_commit();
         }
         if (t.ntiles > 0) {
@@ -640,11 +648,12 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
     auto compute_pos = [&](int jj) {
         if (tid < kBN) sPos[(jj % RING) * kBN + tid] = wg_stream_key<VAR>(a, t, jj * kBN + tid, cursor);
     };
-    auto load_k = [&](int jj) {
-        wg_load_rows<T, D, 256>(kbase, sPos + (jj % RING) * kBN, sK0 + (jj % STAGES) * L::kTileKV, tid);
-    };
-    auto load_v = [&](int jj) {
-        wg_load_rows<T, D, 256>(vbase, sPos + (jj % RING) * kBN, sV0 + (jj % STAGES) * L::kTileKV, tid);
+    // K of tile jk and V of tile jv (each only if it exists), as one cp.async group
+    auto load_kv = [&](int jk, int jv) {
+        wg_load_kv<T, D, 256>(kbase, sPos + (jk % RING) * kBN, sK0 + (jk % STAGES) * L::kTileKV,
+                              jk < ntiles, vbase, sPos + (jv % RING) * kBN,
+                              sV0 + (jv % STAGES) * L::kTileKV, jv < ntiles, tid);
+        cp_async_commit();  // empty groups keep the count uniform
     };
     M rows;
     rows.init(a, t, wg, tid & 127, sQ, sK0, sV0);
@@ -652,21 +661,16 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
     for (int jj = 0; jj <= KA; ++jj) compute_pos(jj);
     __syncthreads();
 #pragma unroll
-    for (int jj = 0; jj < KA; ++jj) {
-        if (jj < ntiles) load_k(jj);
-        if (jj < VA && jj < ntiles) load_v(jj);
-        cp_async_commit();  // Q joins tile 0's group; empty groups keep the count uniform
-    }
+    for (int jj = 0; jj < KA; ++jj) load_kv(jj, jj < VA ? jj : ntiles);  // Q joins tile 0's group
     // Top of tile jj: K_jj and V_{jj-1} (V_jj without OVERLAP) have landed and are visible to the
-    // tensor cores; every thread is done with the slots of the tiles loaded next.
+    // tensor cores; every thread is done with the slots of the tiles loaded next, whose loads are
+    // issued once this tile's GEMMs are (issue_loads).
     auto begin_tile = [&](int jj) {
         cp_async_wait<KA - 1>();
         fence_proxy_async();
         __syncthreads();
-        if (jj + KA < ntiles) load_k(jj + KA);
-        if (jj + VA < ntiles) load_v(jj + VA);
-        cp_async_commit();
     };
+    auto issue_loads = [&](int jj) { load_kv(jj + KA, jj + VA); };
     if constexpr (OVERLAP) {
         if (ntiles > 0) {
             uint32_t p[M::PS][4];
@@ -677,6 +681,7 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
                 wgmma_fence();
                 rows.gemm_s(s, 0);
                 wgmma_commit();
+                issue_loads(0);
                 wgmma_wait<0>();
                 pin(s);
                 rows.softmax(s, sPos, alpha);
@@ -696,6 +701,7 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
                 rows.gemm_pv(p, (j - 1) % STAGES);
                 wgmma_commit();
                 if (PINGPONG && wg == 0) named_bar_arrive(1, 256);
+                issue_loads(j);
                 wgmma_wait<1>();
                 pin(s);
                 rows.softmax(s, sPos + (j % RING) * kBN, alpha);
@@ -721,6 +727,7 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
             wgmma_fence();
             rows.gemm_s(s, j % STAGES);
             wgmma_commit();
+            issue_loads(j);
             wgmma_wait<0>();
             pin(s);
             rows.softmax(s, sPos + (j % RING) * kBN, alpha);
