@@ -28,78 +28,59 @@ namespace dhsa {
 namespace sm90 {
 
 #ifdef DHSA_WGMMA_ENABLED
-__device__ __forceinline__ void wgmma_ss_m64n64_bf16(float (&d)[32], uint64_t da, uint64_t db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(acc));
-}
-__device__ __forceinline__ void wgmma_rs_m64n64_bf16(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-}
-__device__ __forceinline__ void wgmma_ss_m64n64_f16(float (&d)[32], uint64_t da, uint64_t db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(acc));
-}
-__device__ __forceinline__ void wgmma_rs_m64n64_f16(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-}
-__device__ __forceinline__ void wgmma_ss_m64n128_bf16(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(acc));
-}
-__device__ __forceinline__ void wgmma_rs_m64n128_bf16(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-}
-__device__ __forceinline__ void wgmma_ss_m64n128_f16(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(acc));
-}
-__device__ __forceinline__ void wgmma_rs_m64n128_f16(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-}
+#define DHSA_WGMMA_D64 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" ", " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define DHSA_WGMMA_C64 \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define DHSA_WGMMA_D128 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" ", " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" ", " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47" ", " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define DHSA_WGMMA_C128 \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// D[64 x N] (+)= A B with fp32 accumulators (N / 2 per thread): ss = A and B from shared memory
+// (both K-major; acc = 0 overwrites D), rs = A from registers (4 x 2 elements), B from shared memory
+// N-major (transposed). TY = bf16 or f16; P_SS / P_RS: operand number of the predicate source.
+#define DHSA_WGMMA_DEF(N, TY, P_SS, A0, A1, A2, A3, B_RS, P_RS)                                    \
+    __device__ __forceinline__ void wgmma_ss_m64n##N##_##TY(float (&d)[N / 2], uint64_t da,        \
+                                                             uint64_t db, int acc) {               \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P_SS ", 0;\n"                             \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TY "." #TY " {" DHSA_WGMMA_D##N \
+                     "}, %" #A0 ", %" #A1 ", p, 1, 1, 0, 0;\n}\n"                                     \
+                     : DHSA_WGMMA_C##N                                                              \
+                     : "l"(da), "l"(db), "r"(acc));                                                 \
+    }                                                                                               \
+    __device__ __forceinline__ void wgmma_rs_m64n##N##_##TY(float (&d)[N / 2],                      \
+                                                             const uint32_t (&a)[4], uint64_t db) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P_RS ", 0;\n"                             \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TY "." #TY " {" DHSA_WGMMA_D##N \
+                     "}, {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B_RS ", p, 1, 1, 1;\n}\n"      \
+                     : DHSA_WGMMA_C##N                                                              \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                \
+    }
+// operands after the N / 2 accumulators: ss: desc A, desc B, acc; rs: a0..a3, desc B, 1
+DHSA_WGMMA_DEF(64, bf16, 34, 32, 33, 34, 35, 36, 37)
+DHSA_WGMMA_DEF(64, f16, 34, 32, 33, 34, 35, 36, 37)
+DHSA_WGMMA_DEF(128, bf16, 66, 64, 65, 66, 67, 68, 69)
+DHSA_WGMMA_DEF(128, f16, 66, 64, 65, 66, 67, 68, 69)
+#undef DHSA_WGMMA_DEF
+#undef DHSA_WGMMA_D64
+#undef DHSA_WGMMA_C64
+#undef DHSA_WGMMA_D128
+#undef DHSA_WGMMA_C128
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
@@ -133,45 +114,37 @@ __device__ __forceinline__ void pin(uint32_t (&r)[N][4]) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
 }
-#endif  // DHSA_WGMMA_ENABLED
 
+// m64nNk16 wgmma for element type T (bf16 / fp16) and N = 64 or 128: ss (A and B from shared
+// memory, both K-major) and rs (A from registers, B from shared memory N-major).
+template <typename T>
+struct IsBf16 {
+    static constexpr bool value = false;
+};
+template <>
+struct IsBf16<__nv_bfloat16> {
+    static constexpr bool value = true;
+};
 template <typename T, int N>
-struct Wg;
-#ifdef DHSA_WGMMA_ENABLED
-template <>
-struct Wg<__nv_bfloat16, 64> {
-    __device__ __forceinline__ static void ss(float (&d)[32], uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_m64n64_bf16(d, a, b, acc);
+struct Wg {
+    static_assert(N == 64 || N == 128, "wgmma N");
+    __device__ __forceinline__ static void ss(float (&d)[N / 2], uint64_t a, uint64_t b, int acc) {
+        if constexpr (N == 64) {
+            if constexpr (IsBf16<T>::value) wgmma_ss_m64n64_bf16(d, a, b, acc);
+            else wgmma_ss_m64n64_f16(d, a, b, acc);
+        } else {
+            if constexpr (IsBf16<T>::value) wgmma_ss_m64n128_bf16(d, a, b, acc);
+            else wgmma_ss_m64n128_f16(d, a, b, acc);
+        }
     }
-    __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-        wgmma_rs_m64n64_bf16(d, a, b);
-    }
-};
-template <>
-struct Wg<__nv_bfloat16, 128> {
-    __device__ __forceinline__ static void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_m64n128_bf16(d, a, b, acc);
-    }
-    __device__ __forceinline__ static void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-        wgmma_rs_m64n128_bf16(d, a, b);
-    }
-};
-template <>
-struct Wg<__half, 64> {
-    __device__ __forceinline__ static void ss(float (&d)[32], uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_m64n64_f16(d, a, b, acc);
-    }
-    __device__ __forceinline__ static void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-        wgmma_rs_m64n64_f16(d, a, b);
-    }
-};
-template <>
-struct Wg<__half, 128> {
-    __device__ __forceinline__ static void ss(float (&d)[64], uint64_t a, uint64_t b, int acc) {
-        wgmma_ss_m64n128_f16(d, a, b, acc);
-    }
-    __device__ __forceinline__ static void rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-        wgmma_rs_m64n128_f16(d, a, b);
+    __device__ __forceinline__ static void rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+        if constexpr (N == 64) {
+            if constexpr (IsBf16<T>::value) wgmma_rs_m64n64_bf16(d, a, b);
+            else wgmma_rs_m64n64_f16(d, a, b);
+        } else {
+            if constexpr (IsBf16<T>::value) wgmma_rs_m64n128_bf16(d, a, b);
+            else wgmma_rs_m64n128_f16(d, a, b);
+        }
     }
 };
 
@@ -217,12 +190,22 @@ __device__ __forceinline__ uint32_t swz128(int row, int chunk) {
 constexpr int kBM = 128;  // query rows per CTA (2 consumer warpgroups x 64)
 constexpr int kBN = 128;  // gathered keys per K/V tile
 
+// Dynamic shared memory: the Q tile, then STAGES K tiles, then STAGES V tiles (swizzled layout).
 template <int D, int STAGES>
 struct WgSmem {
     static constexpr int kTileQ = kBM * D * 2;
     static constexpr int kTileKV = kBN * D * 2;
     // + slack to align the dynamic buffer to 1024 bytes (the swizzle atom); its base is 16-aligned
     static constexpr int kBytes = 1008 + kTileQ + 2 * STAGES * kTileKV;
+    unsigned char* gQ;         // generic pointer to the Q tile (epilogue)
+    uint32_t sQ, sK0, sV0;     // shared addresses of the Q tile and of stage 0's K / V tiles
+    __device__ __forceinline__ explicit WgSmem(unsigned char* raw) {
+        const uint32_t r = smem_addr(raw);
+        sQ = (r + 1023u) & ~1023u;
+        gQ = raw + (sQ - r);
+        sK0 = sQ + kTileQ;
+        sV0 = sK0 + STAGES * kTileKV;
+    }
 };
 
 // The CTA's query tile (same decomposition as bsa_fwd_kernel: rows = head_group heads x P query
@@ -288,26 +271,36 @@ __device__ __forceinline__ void wg_load_q(const BsaArgs& a, const WgTile& t, uin
 }
 
 // cp.async gather by NT threads of the K rows at key positions kpos[0..kBN) (if do_k) and of the V
-// rows at vpos[0..kBN) (if do_v) into swizzled tiles (zeros for position -1).
-template <typename T, int D, int NT>
+// rows at vpos[0..kBN) (if do_v; SAME: vpos == kpos) into swizzled tiles (zeros for position -1).
+// Thread group tid / (D / 8) handles RPT consecutive rows, 16 bytes (chunk tid % (D / 8)) of each:
+// its positions are read as int4 vectors, and a warp's instruction still writes two whole rows.
+// The load issue sits on every thread's path, so it is kept short (measured: reading the
+// positions once per matrix instead of once per row pair cost ~10 %, docs/GPU_NOTES.md v7).
+template <typename T, int D, int NT, bool SAME>
 __device__ __forceinline__ void wg_load_kv(const T* kbase, const int* kpos, uint32_t dK, bool do_k,
                                            const T* vbase, const int* vpos, uint32_t dV, bool do_v,
                                            int tid) {
     constexpr int CPR = D / 8;
-    constexpr int RPP = NT / CPR;
-    static_assert(NT % CPR == 0 && kBN % RPP == 0, "threads per K/V row");
+    constexpr int RPT = kBN * CPR / NT;  // rows per thread
+    static_assert(NT % CPR == 0 && RPT % 4 == 0, "threads per K/V row");
     const int c = tid % CPR;
+    const int r0 = (tid / CPR) * RPT;
+    int kp[RPT], vp[RPT];
 #pragma unroll
-    for (int it = 0; it < kBN / RPP; ++it) {
-        const int row = it * RPP + tid / CPR;
-        const uint32_t o = swz128<kBN>(row, c);
-        if (do_k) {
-            const int kp = kpos[row];
-            cp_async16(dK + o, kbase + (long long)(kp >= 0 ? kp : 0) * D + c * 8, kp >= 0);
-        }
-        if (do_v) {
-            const int kp = vpos[row];
-            cp_async16(dV + o, vbase + (long long)(kp >= 0 ? kp : 0) * D + c * 8, kp >= 0);
+    for (int i = 0; i < RPT; i += 4) {
+        *reinterpret_cast<int4*>(kp + i) = *reinterpret_cast<const int4*>(kpos + r0 + i);
+        if (!SAME) *reinterpret_cast<int4*>(vp + i) = *reinterpret_cast<const int4*>(vpos + r0 + i);
+    }
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+        const uint32_t o = swz128<kBN>(r0 + i, c);
+        const long long ko = (long long)(kp[i] >= 0 ? kp[i] : 0) * D + c * 8;
+        if (do_k) cp_async16(dK + o, kbase + ko, kp[i] >= 0);
+        if (SAME) {
+            if (do_v) cp_async16(dV + o, vbase + ko, kp[i] >= 0);
+        } else if (do_v) {
+            const long long vo = (long long)(vp[i] >= 0 ? vp[i] : 0) * D + c * 8;
+            cp_async16(dV + o, vbase + vo, vp[i] >= 0);
         }
     }
 }
@@ -474,16 +467,13 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
     using M = WgRows<T, D>;
     using L = WgSmem<D, S>;
     // Static shared memory also marks the sm_90a build (host: sharedSizeBytes > 0).
-    __shared__ int sPos[S * kBN];
+    __shared__ __align__(16) int sPos[S * kBN];
     __shared__ __align__(8) uint64_t sBar[2 * S];  // full[s], empty[s]
     static_assert(L::kBytes + sizeof(sPos) + sizeof(sBar) <= 232448, "more shared memory than a block has");
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const uint32_t raw = smem_addr(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    unsigned char* gQ = smem_raw + (base - raw);
-    const uint32_t sQ = base;
-    const uint32_t sK0 = base + L::kTileQ;
-    const uint32_t sV0 = sK0 + S * L::kTileKV;
+    const L sm(smem_raw);
+    const uint32_t sQ = sm.sQ, sK0 = sm.sK0, sV0 = sm.sV0;
+    unsigned char* gQ = sm.gQ;
     const uint32_t full0 = smem_addr(sBar);
     const uint32_t empty0 = full0 + 8 * S;
 
@@ -517,8 +507,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
             if (j >= S) mbar_wait(empty0 + 8 * s, ((j / S) - 1) & 1);
             sPos[s * kBN + tid] = wg_stream_key<VAR>(a, t, j * kBN + tid, cursor);
             named_bar_sync(1, 128);
-            wg_load_kv<T, D, 128>(kbase, sPos + s * kBN, sK0 + s * L::kTileKV, true, vbase,
-                                  sPos + s * kBN, sV0 + s * L::kTileKV, true, tid);
+            wg_load_kv<T, D, 128, true>(kbase, sPos + s * kBN, sK0 + s * L::kTileKV, true, vbase,
+                                        sPos + s * kBN, sV0 + s * L::kTileKV, true, tid);
             cp_async_commit();
         }
         if (t.ntiles > 0) {
@@ -624,15 +614,12 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
     constexpr int VA = SPLIT ? 1 : KA;
     constexpr int RING = KA + 2;  // key-position slots
     static_assert(VA >= 1, "at least one tile must be loaded ahead");
-    __shared__ int sPos[RING * kBN];  // also marks the sm_90a build (host: sharedSizeBytes > 0)
+    __shared__ __align__(16) int sPos[RING * kBN];  // also marks the sm_90a build (see above)
     static_assert(L::kBytes + sizeof(sPos) <= 232448, "more shared memory than an sm_90 block has");
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    const uint32_t raw = smem_addr(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    unsigned char* gQ = smem_raw + (base - raw);
-    const uint32_t sQ = base;
-    const uint32_t sK0 = base + L::kTileQ;
-    const uint32_t sV0 = sK0 + STAGES * L::kTileKV;
+    const L sm(smem_raw);
+    const uint32_t sQ = sm.sQ, sK0 = sm.sK0, sV0 = sm.sV0;
+    unsigned char* gQ = sm.gQ;
 
     WgTile t;
     if (!wg_tile<D, VAR>(a, t)) return;
@@ -650,7 +637,7 @@ __global__ void __launch_bounds__(256, 1) bsa_wgmma_kernel(BsaArgs a) {
     };
     // K of tile jk and V of tile jv (each only if it exists), as one cp.async group
     auto load_kv = [&](int jk, int jv) {
-        wg_load_kv<T, D, 256>(kbase, sPos + (jk % RING) * kBN, sK0 + (jk % STAGES) * L::kTileKV,
+        wg_load_kv<T, D, 256, KA == VA>(kbase, sPos + (jk % RING) * kBN, sK0 + (jk % STAGES) * L::kTileKV,
                               jk < ntiles, vbase, sPos + (jv % RING) * kBN,
                               sV0 + (jv % STAGES) * L::kTileKV, jv < ntiles, tid);
         cp_async_commit();  // empty groups keep the count uniform

@@ -115,7 +115,7 @@ int validate(const DhsaBsaParams* p) {
                                                                (1ll << 31))
         return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
                     elems_k);
-    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_NOSPLIT)
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_SPLIT)
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
     return DHSA_STATUS_OK;
 }
@@ -217,22 +217,22 @@ int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t str
             variant = DHSA_VARIANT_M64;
         else if (wgmma_device() &&
                  wgmma_built(head_dim == 64
-                                 ? dhsa::sm90::bsa_wgmma_kernel<T, 64, 3, true, true, true, false>
-                                 : dhsa::sm90::bsa_wgmma_kernel<T, 128, 3, true, true, true, false>))
+                                 ? dhsa::sm90::bsa_wgmma_kernel<T, 64, 3, true, true, false, false>
+                                 : dhsa::sm90::bsa_wgmma_kernel<T, 128, 3, true, true, false, false>))
             variant = DHSA_VARIANT_WGMMA;
         else
             variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
         case DHSA_VARIANT_WGMMA:
-            return launch_wgmma_d<T, true, true>(a, head_dim, stream);
+            return launch_wgmma_d<T, true, false>(a, head_dim, stream);
         case DHSA_VARIANT_WGMMA_SERIAL:
             return launch_wgmma_d<T, false, false>(a, head_dim, stream);
         case DHSA_VARIANT_WGMMA_WS:
             return head_dim == 64 ? launch_wgmma_ws<T, 64, true>(a, stream)
                                   : launch_wgmma_ws<T, 128, true>(a, stream);
-        case DHSA_VARIANT_WGMMA_NOSPLIT:
-            return launch_wgmma_d<T, true, false>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_SPLIT:
+            return launch_wgmma_d<T, true, true>(a, head_dim, stream);
         case DHSA_VARIANT_M128:
             return head_dim == 64 ? launch_attention<T, 64, 8, 1>(a, stream)
                                   : launch_attention<T, 128, 8, 1>(a, stream);

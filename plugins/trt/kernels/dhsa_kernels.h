@@ -73,7 +73,7 @@ extern "C" {
 #define DHSA_VARIANT_WGMMA 5 /* S_j issued with P_{j-1} V_{j-1}, warpgroup ping-pong, 3 stages */
 #define DHSA_VARIANT_WGMMA_SERIAL 6  /* S, softmax, P V in turn, 3 stages */
 #define DHSA_VARIANT_WGMMA_WS 7      /* + a producer warpgroup (cp.async, mbarrier ring) */
-#define DHSA_VARIANT_WGMMA_NOSPLIT 8 /* as WGMMA with K and V both loaded one tile ahead */
+#define DHSA_VARIANT_WGMMA_SPLIT 8   /* as WGMMA with K loaded two tiles ahead, V one */
 
 typedef struct DhsaBsaParams {
     const void* q;                    /* [B, Hq, Lq, D] */
