@@ -80,7 +80,7 @@ def run_kernel(q, k, v, selections, variable, q_block, k_block, variant=None, ca
 
 
 # library.VARIANTS of the Hopper kernels (compute capability 9.0 with an sm_90a build)
-WGMMA = {"wgmma": 5, "wgmma_serial": 6, "wgmma_ws": 7, "wgmma_split": 8}
+WGMMA = {"wgmma": 5, "wgmma_serial": 6, "wgmma_overlap": 7, "wgmma_split": 8}
 ALL_VARIANTS = [1, 2, 3, 4, *WGMMA.values()]
 VARIANT_IDS = ["m64", "m128", "m128w4", "m256", *WGMMA]
 

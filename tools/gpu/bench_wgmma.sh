@@ -15,18 +15,18 @@ STEPS=",${STEPS:-smoke,tests,attention},"
 status=0
 step() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
 if step smoke; then
-  timeout "${SMOKE_TIMEOUT:-90}" python3 tools/gpu/smoke_variants.py --variants "${SMOKE_VARIANTS:-wgmma,wgmma_serial,wgmma_ws,wgmma_split}" \
+  timeout "${SMOKE_TIMEOUT:-90}" python3 tools/gpu/smoke_variants.py --variants "${SMOKE_VARIANTS:-wgmma,wgmma_serial,wgmma_overlap,wgmma_split}" \
     2>&1 | tee "$OUT/smoke.log" || { echo "smoke check failed: stopping"; exit 1; }
 fi
 if step tests; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu ${TESTS:-tests/backends/test_torch_cuda.py} -p no:cacheprovider -rfE \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu ${TESTS:-tests/backends/test_torch_cuda.py} -p no:cacheprovider -rfEs \
     ${PYTEST_ARGS--x} >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/tests.log" | head -n 20
   tail -n 2 "$OUT/tests.log"
 fi
 if step attention; then
   timeout "${BENCH_TIMEOUT:-300}" python3 -m dhsa_export.bench.attention --tokens "${TOKENS:-8192,32768,65536,131072}" \
-    --pattern vslash --variants "${VARIANTS:-auto,m128w4,wgmma,wgmma_serial,wgmma_ws,wgmma_split}" \
+    --pattern vslash --variants "${VARIANTS:-auto,m128w4,wgmma,wgmma_serial,wgmma_overlap,wgmma_split}" \
     --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench.log" | grep -v "^|" || status=1
 fi
 exit $status

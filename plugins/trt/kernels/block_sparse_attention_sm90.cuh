@@ -2,20 +2,23 @@
 //
 // Same contract and CTA decomposition as block_sparse_attention.cuh (one CTA = one 128-row query
 // tile of a routing head, rows = head_group heads x P positions; the key stream of the query block
-// is gathered BN keys at a time), but the two GEMMs run on the tensor cores' warpgroup path:
-//   - 2 consumer warpgroups (256 threads), warpgroup w owns rows 64w..64w+63 (wgmma M = 64);
+// is gathered 128 keys at a time), but the two GEMMs run on the tensor cores' warpgroup path:
+//   - 2 consumer warpgroups, warpgroup w owns rows 64w..64w+63 (wgmma M = 64), plus (variant
+//     "wgmma") a producer warpgroup that gathers the K/V tiles;
 //   - Q and the gathered K/V tiles live in shared memory in the 128-byte swizzled layout that the
 //     wgmma matrix descriptors read: a tile of R rows x D columns is stored as D/64 column blocks,
 //     each R rows x 128 bytes, with the 16-byte chunk c of row r at chunk c ^ (r & 7);
 //   - S = Q K^T: A (Q) and B (K, K-major) from shared memory; O += P V: A (P) from registers, B (V,
 //     rows = keys, D contiguous) from shared memory with the transpose bit (N-major);
-//   - K/V rows are gathered with cp.async (16 bytes) into a ring of STAGES buffers; the key
-//     positions of a tile are computed ahead into shared memory (as in the mma.sync kernel);
-//   - OVERLAP: the S GEMM of tile j is issued together with the P V GEMM of tile j - 1 and the
-//     softmax of tile j runs while the latter is in flight (FlashAttention-3's intra-warpgroup
-//     pipelining).
-// Only sm_90a device code contains the kernel body; other targets compile a stub that traps, and the
-// host never launches it there (dhsa_kernels.cu checks the device and the kernel's attributes).
+//   - K/V rows are gathered with cp.async (16 bytes) into a ring of 3 stages; the key positions of
+//     a tile are computed into shared memory before its loads (as in the mma.sync kernel) and also
+//     drive the causal / padding mask;
+//   - the S GEMM of tile j is issued together with the P V GEMM of tile j - 1 and the softmax of
+//     tile j runs while the latter is in flight (FlashAttention-3's intra-warpgroup pipelining);
+//     the two consumer warpgroups take turns issuing (ping-pong), so one's softmax overlaps the
+//     other's GEMMs.
+// Only sm_90a device code contains the kernel bodies; other targets compile stubs that trap, and the
+// host never launches them there (dhsa_kernels.cu checks the device and the kernel's attributes).
 #pragma once
 
 #include "block_sparse_attention.cuh"
@@ -593,10 +596,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Variants "wgmma_overlap" / "wgmma_serial" / "wgmma_s2": the two warpgroups also gather the K/V
-// tiles themselves (cp.async ring of STAGES, one __syncthreads per tile); OVERLAP issues S_j with
-// P_{j-1} V_{j-1} (else S, softmax, P V one after the other); PINGPONG orders the two warpgroups'
-// GEMM issue within a tile.
+// Variants "wgmma_overlap" / "wgmma_split" / "wgmma_serial": no producer, the two warpgroups gather
+// the K/V tiles themselves (cp.async ring of STAGES, one __syncthreads per tile); OVERLAP issues S_j
+// with P_{j-1} V_{j-1} (else S, softmax, P V one after the other); PINGPONG orders the two
+// warpgroups' GEMM issue within a tile.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, int D, int STAGES, bool OVERLAP, bool PINGPONG, bool SPLIT, bool VAR>

@@ -216,21 +216,20 @@ int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t str
         if ((long long)a.head_group * a.q_block < 128)
             variant = DHSA_VARIANT_M64;
         else if (wgmma_device() &&
-                 wgmma_built(head_dim == 64
-                                 ? dhsa::sm90::bsa_wgmma_kernel<T, 64, 3, true, true, false, false>
-                                 : dhsa::sm90::bsa_wgmma_kernel<T, 128, 3, true, true, false, false>))
+                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, true, false>
+                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, true, false>))
             variant = DHSA_VARIANT_WGMMA;
         else
             variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
         case DHSA_VARIANT_WGMMA:
-            return launch_wgmma_d<T, true, false>(a, head_dim, stream);
-        case DHSA_VARIANT_WGMMA_SERIAL:
-            return launch_wgmma_d<T, false, false>(a, head_dim, stream);
-        case DHSA_VARIANT_WGMMA_WS:
             return head_dim == 64 ? launch_wgmma_ws<T, 64, true>(a, stream)
                                   : launch_wgmma_ws<T, 128, true>(a, stream);
+        case DHSA_VARIANT_WGMMA_SERIAL:
+            return launch_wgmma_d<T, false, false>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_OVERLAP:
+            return launch_wgmma_d<T, true, false>(a, head_dim, stream);
         case DHSA_VARIANT_WGMMA_SPLIT:
             return launch_wgmma_d<T, true, true>(a, head_dim, stream);
         case DHSA_VARIANT_M128:
