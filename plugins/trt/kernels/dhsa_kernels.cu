@@ -153,8 +153,7 @@ int launch_attention(const dhsa::BsaArgs& args, cudaStream_t stream) {
     return launch_grid(kernel, C::BM, C::kThreads, C::kSmemBytes, args, stream);
 }
 
-// The wgmma kernels run on compute capability 9.0 devices from an sm_90a build only: other builds
-// hold a stub without the static shared memory of the real kernel (sharedSizeBytes == 0).
+// The wgmma kernels run on compute capability 9.0 devices (H100 / H200) only.
 bool wgmma_device() {
     int dev = 0, major = 0, minor = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return false;
@@ -164,8 +163,8 @@ bool wgmma_device() {
     return major == 9 && minor == 0;
 }
 
-// An sm_90a image of `kernel` is loaded (other builds hold a stub without the kernel's static
-// shared memory).
+// An sm_90a image of `kernel` is loaded: other builds (plain sm_90, PTX compiled at load time) hold
+// a stub without the kernel's static shared memory (sharedSizeBytes == 0).
 bool wgmma_built(void (*kernel)(dhsa::BsaArgs)) {
     cudaFuncAttributes attr;
     if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
