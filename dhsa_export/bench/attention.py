@@ -247,6 +247,7 @@ def _bench_length(length: int, heads: tuple[int, int, int], cfg: DHSAConfig, war
     # achieved rate over the computed (selected) area, 4*D flops per (query, key) pair
     pairs = row["causal_block_fraction"] * hq * length * (length + 1) / 2
     row["attention_tflops_effective"] = 4 * d * pairs / (row["attention_ms"] * 1e-3) / 1e12
+    row["attention_tflops_by_variant"] = {name: 4 * d * pairs / (ms * 1e-3) / 1e12 for name, ms in by_variant.items()}
 
     baselines = {}
     if sdpa:
@@ -318,7 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pattern", default="vslash")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", default="auto", help="kernel variants to time: auto,m64,m128")
+    parser.add_argument("--variants", default="auto",
+                        help="kernel variants to time (library.VARIANTS), e.g. auto,m128w4,wgmma")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--json", default=None, help="write the result here")

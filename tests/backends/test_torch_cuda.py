@@ -79,6 +79,34 @@ def run_kernel(q, k, v, selections, variable, q_block, k_block, variant=None, ca
     return out
 
 
+# library.VARIANTS of the Hopper kernels (compute capability 9.0 with an sm_90a build)
+WGMMA = {"wgmma": 5, "wgmma_serial": 6, "wgmma_overlap": 7, "wgmma_split": 8}
+ALL_VARIANTS = [1, 2, 3, 4, *WGMMA.values()]
+VARIANT_IDS = ["m64", "m128", "m128w4", "m256", *WGMMA]
+
+
+def wgmma_ok() -> bool:
+    """The device runs the wgmma variants: compute capability 9.0 and an sm_90a library build."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return False
+    cuda = _cuda()
+    q = torch.zeros(1, 1, 16, 64, device="cuda", dtype=torch.bfloat16)
+    index = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda")
+    count = torch.ones(1, 1, 1, dtype=torch.int32, device="cuda")
+    try:
+        cuda.launch(q, q, q, index, count, None, 128, 32, variant=WGMMA["wgmma"])
+    except DHSAError as exc:
+        if "sm_90a" in str(exc):
+            return False
+        raise
+    return True
+
+
+def skip_without_wgmma(variant) -> None:
+    if variant in WGMMA.values() and not wgmma_ok():
+        pytest.skip("wgmma variants need a compute capability 9.0 GPU and an sm_90a build")
+
+
 def check(out, ref):
     assert not torch.isnan(out).any(), "NaN in the output (unwritten or bad softmax)"
     err = rel_err(out, ref)
@@ -90,12 +118,13 @@ def check(out, ref):
 # Random shapes: dtype x head_dim x GQA ratio x routing x kernel variant
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", [1, 2, 3, 4], ids=["m64", "m128", "m128w4", "m256"])
+@pytest.mark.parametrize("variant", ALL_VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("routing", ["group", "head"])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_random_shapes_fixed_blocks(dtype, d, ratio, routing, variant):
+    skip_without_wgmma(variant)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((str(dtype), d, ratio, routing, variant)).encode()))
     b, hkv = 2, 2
     hq = hkv * ratio
@@ -124,7 +153,7 @@ def test_variable_chunks(dtype, d, routing):
     head_group = ratio if routing == "group" else 1
     sels = [random_selection(hq // head_group, head_group, lq, random_offsets(lq, gen), q_block, 0.35, gen)
             for _ in range(b)]
-    for variant in (1, 2, 3, 4):
+    for variant in ALL_VARIANTS if wgmma_ok() else ALL_VARIANTS[:4]:
         out = run_kernel(q, k, v, sels, True, q_block, 32, variant)
         check(out, reference(q, k, v, sels))
 
@@ -135,7 +164,7 @@ def test_odd_group_sizes(ratio):
     gen = torch.Generator().manual_seed(ratio)
     q, k, v = make_qkv(1, 2 * ratio, 2, 300, 300, 64, torch.bfloat16, gen)
     sels = [random_selection(2, ratio, 300, fixed_offsets(300, 32), 128, 0.4, gen)]
-    for variant in (1, 2, 3, 4):
+    for variant in ALL_VARIANTS if wgmma_ok() else ALL_VARIANTS[:4]:
         check(run_kernel(q, k, v, sels, False, 128, 32, variant), reference(q, k, v, sels))
 
 
@@ -307,6 +336,60 @@ def test_host_validation_errors():
     with pytest.raises(DHSAError, match="does not divide"):
         # Hr = 1: a routing head of 8 query heads would span the 2 KV heads (GQA ratio 4)
         cuda.block_sparse_attention_cuda(q, k, v, index[:, :1].contiguous(), count[:, :1].contiguous())
+
+
+# ------------------------------------------------------------------------------------------------
+# Hopper wgmma variants: the edge cases of DESIGN.md section 4 (random shapes above)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(WGMMA.values()), ids=list(WGMMA))
+@pytest.mark.parametrize("d", [64, 128])
+def test_wgmma_edge_cases(variant, d):
+    skip_without_wgmma(variant)
+    cuda = _cuda()
+    gen = torch.Generator().manual_seed(20 + variant + d)
+    # one block; Lq not a multiple of the block with Lq < Lk; a single query; a short tail
+    for lq, lk, q_block, k_block, p in ((20, 20, 128, 32, 1.0), (333, 400, 128, 32, 0.4),
+                                        (1, 300, 64, 16, 0.5), (129, 129, 64, 64, 0.6),
+                                        (700, 700, 128, 32, 1.0)):  # last: every block selected
+        q, k, v = make_qkv(1, 8, 2, lq, lk, d, torch.bfloat16, gen)
+        sels = [random_selection(2, 4, lq, fixed_offsets(lk, k_block), q_block, p, gen)]
+        check(run_kernel(q, k, v, sels, False, q_block, k_block, variant), reference(q, k, v, sels))
+    # causal diagonal only, GQA 8 with head routing, long enough for several K/V tiles per CTA
+    q, k, v = make_qkv(1, 16, 2, 1100, 1100, d, torch.bfloat16, gen)
+    sels = [random_selection(16, 1, 1100, fixed_offsets(1100, 32), 128, 0.0, gen)]
+    check(run_kernel(q, k, v, sels, False, 128, 32, variant), reference(q, k, v, sels))
+    sels = [random_selection(2, 8, 1100, fixed_offsets(1100, 32), 128, 0.7, gen)]
+    check(run_kernel(q, k, v, sels, False, 128, 32, variant), reference(q, k, v, sels))
+    # variable chunks, fp16
+    q, k, v = make_qkv(2, 8, 2, 900, 900, d, torch.float16, gen)
+    sels = [random_selection(2, 4, 900, random_offsets(900, gen), 64, 0.5, gen) for _ in range(2)]
+    check(run_kernel(q, k, v, sels, True, 64, 32, variant), reference(q, k, v, sels))
+    # non-causal with a scale
+    sel = random_selection(2, 4, 200, fixed_offsets(333, 32), 64, 0.3, gen)
+    q, k, v = make_qkv(1, 8, 2, 200, 333, d, torch.bfloat16, gen)
+    out = run_kernel(q, k, v, [sel], False, 64, 32, variant, causal=False, scale=0.05)
+    ref = run_kernel(q, k, v, [sel], False, 64, 32, 3, causal=False, scale=0.05)
+    check(out, ref.float())
+    # bad indices: flagged, the row gives zeros, every output written
+    q, k, v, index, count = _valid_case()
+    index = index.clone()
+    index[0, 1, 1, 0] = 8  # nC = 8
+    out, ws = cuda.launch(q, k, v, index, count, None, 128, 32, variant=variant,
+                          out=torch.full_like(q, float("nan")))
+    with pytest.raises(DHSAError, match="rejected its indices"):
+        cuda.raise_on_error_flag(ws)
+    assert not torch.isnan(out).any()
+    assert (out[0, 4:8, 128:] == 0).all()  # routing head 1 = query heads 4..7, query block 1
+
+
+def test_auto_variant_matches_mma_sync():
+    """The automatic choice (wgmma on an H100/H200 with an sm_90a build) agrees with m128w4."""
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = make_qkv(1, 32, 8, 2048, 2048, 128, torch.bfloat16, gen)
+    sels = [random_selection(8, 4, 2048, fixed_offsets(2048, 32), 128, 0.2, gen)]
+    auto = run_kernel(q, k, v, sels, False, 128, 32, 0)
+    assert rel_err(auto, run_kernel(q, k, v, sels, False, 128, 32, 3).float()) <= 5e-3
 
 
 def test_custom_op_opcheck_and_compile():

@@ -53,6 +53,14 @@ def test_build_key_tracks_sources(tmp_path, monkeypatch):
     assert key != build.build_key(("90",), nvcc, tmp_path)
 
 
+def test_gencode_builds_sm90a_for_90():
+    flags = build.gencode_flags(("80", "90"))
+    assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    assert build.gencode_flags(("90a",)) == ["-gencode=arch=compute_90a,code=sm_90a"]
+    with pytest.raises(Exception, match="not a number"):
+        build.gencode_flags(("sm90",))
+
+
 @pytest.mark.parametrize("routing", ["group", "head"])
 def test_flex_conversions_compute_the_selection(routing):
     flex = pytest.importorskip("torch.nn.attention.flex_attention")

@@ -5,7 +5,8 @@ target architectures, flags), so an edited kernel is rebuilt and an unchanged on
 Builds go to a temporary folder renamed into place at the end: an interrupted build leaves nothing
 half-written. The same sources build with ``plugins/trt/CMakeLists.txt``.
 
-Command line (no GPU needed, e.g. to pre-build for a GPU machine)::
+Architecture 90 is built as sm_90a (``-gencode=arch=compute_90a,code=sm_90a``): the Hopper wgmma
+kernels exist only in that target. Command line (no GPU needed, e.g. to pre-build for a GPU machine)::
 
     python -m dhsa_export.backends.torch_cuda.build --arch 80,86,89,90 [--cache-dir DIR]
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 from ...errors import DHSAError
 
 LIBRARY_NAME = "libdhsa_kernels.so"
-SOURCE_FILES = ("dhsa_kernels.cu", "block_sparse_attention.cuh", "dhsa_kernels.h")
+SOURCE_FILES = ("dhsa_kernels.cu", "block_sparse_attention.cuh", "block_sparse_attention_sm90.cuh",
+                "dhsa_kernels.h")
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 NVCC_FLAGS = ("-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC", "-lineinfo")
 
@@ -72,10 +74,15 @@ def device_archs() -> tuple[str, ...]:
 
 
 def gencode_flags(archs) -> list[str]:
+    """nvcc target flags; 90 builds the arch-specific sm_90a target (its wgmma kernels run on compute
+    capability 9.0 only, as sm_90 code does; other targets compile those kernels as stubs)."""
     flags = []
     for arch in archs:
-        if not str(arch).isdigit():
+        arch = str(arch)
+        if not (arch.isdigit() or (arch[:-1].isdigit() and arch.endswith("a"))):
             raise DHSAError(f"CUDA architecture {arch!r} is not a number such as 90; pass e.g. 80,90")
+        if arch == "90":
+            arch = "90a"
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
     return flags
 

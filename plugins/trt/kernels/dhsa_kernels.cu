@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "block_sparse_attention.cuh"
+#include "block_sparse_attention_sm90.cuh"
 
 namespace {
 
@@ -114,8 +115,33 @@ int validate(const DhsaBsaParams* p) {
                                                                (1ll << 31))
         return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
                     elems_k);
-    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_M256)
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_SPLIT)
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
+    return DHSA_STATUS_OK;
+}
+
+// Launch one attention kernel instance over the (query tile, routing head, batch) grid; bm = query
+// rows per CTA.
+int launch_grid(void (*kernel)(dhsa::BsaArgs), int bm, int threads, int smem_bytes,
+                const dhsa::BsaArgs& args, cudaStream_t stream) {
+    cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "cudaFuncSetAttribute(%d bytes of shared memory): %s",
+                    smem_bytes, cudaGetErrorString(e));
+    dhsa::BsaArgs a = args;
+    a.pos_per_tile = bm / a.head_group;
+    if (a.pos_per_tile > a.q_block) a.pos_per_tile = a.q_block;
+    a.tiles_per_qblock = (a.q_block + a.pos_per_tile - 1) / a.pos_per_tile;
+    const long long gx = (long long)a.nq * a.tiles_per_qblock;
+    if (gx > 0x7fffffffll || a.hr > 65535 || a.batch > 65535)
+        return fail(DHSA_STATUS_UNSUPPORTED, "grid too large (%lld x %d x %d)", gx, a.hr, a.batch);
+    dim3 grid((unsigned)gx, (unsigned)a.hr, (unsigned)a.batch);
+    kernel<<<grid, threads, smem_bytes, stream>>>(a);
+    e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u x %u x %u): %s",
+                    grid.x, grid.y, grid.z, cudaGetErrorString(e));
     return DHSA_STATUS_OK;
 }
 
@@ -124,37 +150,87 @@ int launch_attention(const dhsa::BsaArgs& args, cudaStream_t stream) {
     using C = dhsa::BsaConfig<D, WARPS, MT>;
     auto kernel = args.key_chunk_offsets != nullptr ? dhsa::bsa_fwd_kernel<T, D, WARPS, MT, true>
                                                     : dhsa::bsa_fwd_kernel<T, D, WARPS, MT, false>;
-    cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-    if (e != cudaSuccess)
-        return fail(DHSA_STATUS_CUDA_ERROR, "cudaFuncSetAttribute(%d bytes of shared memory): %s",
-                    C::kSmemBytes, cudaGetErrorString(e));
-    dhsa::BsaArgs a = args;
-    a.pos_per_tile = C::BM / a.head_group;
-    if (a.pos_per_tile > a.q_block) a.pos_per_tile = a.q_block;
-    a.tiles_per_qblock = (a.q_block + a.pos_per_tile - 1) / a.pos_per_tile;
-    const long long gx = (long long)a.nq * a.tiles_per_qblock;
-    if (gx > 0x7fffffffll || a.hr > 65535 || a.batch > 65535)
-        return fail(DHSA_STATUS_UNSUPPORTED, "grid too large (%lld x %d x %d)", gx, a.hr, a.batch);
-    dim3 grid((unsigned)gx, (unsigned)a.hr, (unsigned)a.batch);
-    kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(a);
-    e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u x %u x %u): %s",
-                    grid.x, grid.y, grid.z, cudaGetErrorString(e));
-    return DHSA_STATUS_OK;
+    return launch_grid(kernel, C::BM, C::kThreads, C::kSmemBytes, args, stream);
+}
+
+// The wgmma kernels run on compute capability 9.0 devices (H100 / H200) only.
+bool wgmma_device() {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+        return false;
+    return major == 9 && minor == 0;
+}
+
+// An sm_90a image of `kernel` is loaded: other builds (plain sm_90, PTX compiled at load time) hold
+// a stub without the kernel's static shared memory (sharedSizeBytes == 0).
+bool wgmma_built(void (*kernel)(dhsa::BsaArgs)) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+        cudaGetLastError();  // clear the error (no image for this device)
+        return false;
+    }
+    return attr.sharedSizeBytes > 0;
+}
+
+int launch_sm90(void (*fixed)(dhsa::BsaArgs), void (*var)(dhsa::BsaArgs), int threads,
+                int smem_bytes, const dhsa::BsaArgs& args, cudaStream_t stream) {
+    if (!wgmma_device() || !wgmma_built(fixed))
+        return fail(DHSA_STATUS_UNSUPPORTED,
+                    "the wgmma variants need a compute capability 9.0 GPU and a library built for "
+                    "sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+    return launch_grid(args.key_chunk_offsets != nullptr ? var : fixed, dhsa::sm90::kBM, threads,
+                       smem_bytes, args, stream);
+}
+
+template <typename T, int D, bool PINGPONG>
+int launch_wgmma_ws(const dhsa::BsaArgs& a, cudaStream_t stream) {
+    return launch_sm90(dhsa::sm90::bsa_wgmma_ws_kernel<T, D, PINGPONG, false>,
+                       dhsa::sm90::bsa_wgmma_ws_kernel<T, D, PINGPONG, true>, dhsa::sm90::kWsThreads,
+                       dhsa::sm90::WgSmem<D, dhsa::sm90::kWsStages>::kBytes, a, stream);
+}
+
+template <typename T, int D, bool OVERLAP, bool SPLIT>
+int launch_wgmma(const dhsa::BsaArgs& a, cudaStream_t stream) {
+    // 3 K/V stages; the ping-pong goes with the overlapped schedule
+    return launch_sm90(dhsa::sm90::bsa_wgmma_kernel<T, D, 3, OVERLAP, OVERLAP, SPLIT, false>,
+                       dhsa::sm90::bsa_wgmma_kernel<T, D, 3, OVERLAP, OVERLAP, SPLIT, true>, 256,
+                       dhsa::sm90::WgSmem<D, 3>::kBytes, a, stream);
+}
+
+template <typename T, bool OVERLAP, bool SPLIT>
+int launch_wgmma_d(const dhsa::BsaArgs& a, int head_dim, cudaStream_t stream) {
+    return head_dim == 64 ? launch_wgmma<T, 64, OVERLAP, SPLIT>(a, stream)
+                          : launch_wgmma<T, 128, OVERLAP, SPLIT>(a, stream);
 }
 
 template <typename T>
 int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t stream) {
     if (variant == DHSA_VARIANT_AUTO) {
-        // 4 warps x 32 rows (128 rows per CTA) was fastest on an H200 from 8K tokens on
-        // (docs/GPU_NOTES.md); with fewer than 128 rows per query block (head_group * q_block),
-        // the 64-row tile wastes fewer rows.
-        variant = (long long)a.head_group * a.q_block >= 128 ? DHSA_VARIANT_M128_W4
-                                                            : DHSA_VARIANT_M64;
+        // Tiles of 128 rows when a query block fills them (head_group * q_block >= 128): the wgmma
+        // kernel on sm_90a builds running on compute capability 9.0, else 4 warps x 32 rows (fastest
+        // mma.sync variant on an H200 from 8K tokens on, docs/GPU_NOTES.md); with fewer rows per
+        // query block, the 64-row tile wastes fewer rows.
+        if ((long long)a.head_group * a.q_block < 128)
+            variant = DHSA_VARIANT_M64;
+        else if (wgmma_device() &&
+                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, true, false>
+                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, true, false>))
+            variant = DHSA_VARIANT_WGMMA;
+        else
+            variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
+        case DHSA_VARIANT_WGMMA:
+            return head_dim == 64 ? launch_wgmma_ws<T, 64, true>(a, stream)
+                                  : launch_wgmma_ws<T, 128, true>(a, stream);
+        case DHSA_VARIANT_WGMMA_SERIAL:
+            return launch_wgmma_d<T, false, false>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_OVERLAP:
+            return launch_wgmma_d<T, true, false>(a, head_dim, stream);
+        case DHSA_VARIANT_WGMMA_SPLIT:
+            return launch_wgmma_d<T, true, true>(a, head_dim, stream);
         case DHSA_VARIANT_M128:
             return head_dim == 64 ? launch_attention<T, 64, 8, 1>(a, stream)
                                   : launch_attention<T, 128, 8, 1>(a, stream);

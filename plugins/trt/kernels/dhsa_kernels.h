@@ -62,12 +62,19 @@ extern "C" {
 #define DHSA_DTYPE_FP16 0
 #define DHSA_DTYPE_BF16 1
 
-/* Kernel variants (tile shapes); 0 picks one from the shape. */
+/* Kernel variants (tile shapes); 0 picks one from the shape and the device. */
 #define DHSA_VARIANT_AUTO 0
 #define DHSA_VARIANT_M64 1  /* 4 warps, 64 query rows per CTA */
 #define DHSA_VARIANT_M128 2 /* 8 warps, 128 query rows per CTA */
 #define DHSA_VARIANT_M128_W4 3 /* 4 warps x 32 rows, 128 query rows per CTA */
 #define DHSA_VARIANT_M256 4 /* 8 warps x 32 rows, 256 query rows per CTA */
+/* Hopper (sm_90a builds on compute capability 9.0 only; DHSA_STATUS_UNSUPPORTED elsewhere): wgmma,
+ * 128 query rows (2 consumer warpgroups x 64) and 128 gathered keys per tile, 3 K/V stages. */
+#define DHSA_VARIANT_WGMMA 5         /* + a producer warpgroup (cp.async, mbarriers); S_j issued with
+                                        P_{j-1} V_{j-1}, consumer ping-pong. AUTO's choice on sm_90 */
+#define DHSA_VARIANT_WGMMA_SERIAL 6  /* no producer: S, softmax, P V in turn */
+#define DHSA_VARIANT_WGMMA_OVERLAP 7 /* no producer: S_j with P_{j-1} V_{j-1}, ping-pong */
+#define DHSA_VARIANT_WGMMA_SPLIT 8   /* as WGMMA_OVERLAP with K loaded two tiles ahead, V one */
 
 typedef struct DhsaBsaParams {
     const void* q;                    /* [B, Hq, Lq, D] */
