@@ -17,6 +17,8 @@ PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise", "dynamic")
 HEAD_ROUTING = ("head", "group")
 BOUNDARY_RULES = ("similarity", "fixed")
 CHUNK_SCORES = ("mass", "mean")
+# Tokens on each side of a boundary candidate (similarity rule, labels, predictor window).
+BOUNDARY_WINDOW = 4
 # Implementations of the sparse attention given a selection (dhsa_export.algo.attention): the
 # per-block reference, the gathered exact form (CPU default) and the CUDA kernels.
 ATTENTION_BACKENDS = ("reference", "torch-gather", "torch-cuda")
