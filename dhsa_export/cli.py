@@ -248,8 +248,6 @@ def build(model_spec, layers, attention, pattern, density, q_block, k_block, hea
     """Build a deployable artifact: ONNX graphs, weights, custom-op library, tokenizer, manifest."""
     if attention != "dhsa":
         raise DHSAError("build exports DHSA prefill graphs; drop --attention dense")
-    if pattern == "dynamic":
-        raise DHSAError("the dynamic pattern is not exportable yet (chunk prediction runs in PyTorch); use another --pattern")
     cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     quiet_transformers()
     from .build import BuildOptions

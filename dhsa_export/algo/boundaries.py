@@ -646,13 +646,7 @@ def make_chunker(cfg: DHSAConfig) -> Chunker:
 
         def predictor_chunker(keys: torch.Tensor) -> torch.Tensor:
             _check_keys(keys)
-            features = keys.shape[0] * keys.shape[2]
-            if features != predictor.input_features:
-                raise DHSAError(
-                    f"boundary predictor {path} expects {predictor.input_features} key features per token "
-                    f"but this model's layer-0 keys give {features} ({keys.shape[0]} KV heads x "
-                    f"{keys.shape[2]} dims); train a predictor for this model with train_boundaries"
-                )
+            check_predictor_features(predictor, keys.shape[0], keys.shape[2], path)
             device = str(keys.device)
             if device not in per_device:
                 per_device[device] = predictor if device == "cpu" else _copy_to(predictor, keys.device)
@@ -671,6 +665,17 @@ def make_chunker(cfg: DHSAConfig) -> Chunker:
         return similarity_boundaries(keys, cfg.min_chunk, cfg.max_chunk)
 
     return similarity_chunker
+
+
+def check_predictor_features(predictor: BoundaryPredictor, num_kv_heads: int, head_dim: int, path) -> None:
+    """``DHSAError`` unless the predictor reads ``num_kv_heads x head_dim`` key features per token."""
+    features = num_kv_heads * head_dim
+    if features != predictor.input_features:
+        raise DHSAError(
+            f"boundary predictor {path} expects {predictor.input_features} key features per token "
+            f"but this model's layer-0 keys give {features} ({num_kv_heads} KV heads x "
+            f"{head_dim} dims); train a predictor for this model with train_boundaries"
+        )
 
 
 def _copy_to(predictor: BoundaryPredictor, device) -> BoundaryPredictor:
