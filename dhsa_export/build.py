@@ -53,7 +53,10 @@ def validate(options: BuildOptions) -> None:
                 f"int4 block size {options.int4_block_size} is not supported; use one of "
                 f"{', '.join(map(str, SUPPORTED_BLOCK_SIZES))}"
             )
-    _validate_dynamic(options.cfg)
+    if options.cfg.boundary_predictor:
+        from .algo.boundaries import check_predictor_option
+
+        check_predictor_option(options.cfg)
     from .hf.models import validate_model_spec
 
     validate_model_spec(options.model_spec)
@@ -62,18 +65,6 @@ def validate(options: BuildOptions) -> None:
         raise DHSAError(f"output path {str(out)!r} is a file; pass a folder with -o")
     if out.exists() and any(out.iterdir()) and not options.force:
         raise DHSAError(f"output folder {str(out)!r} exists and is not empty; pass --force or another -o")
-
-
-def _validate_dynamic(cfg: DHSAConfig) -> None:
-    """A boundary predictor only serves the dynamic pattern, and must load (DHSAError says why not)."""
-    if not cfg.boundary_predictor:
-        return
-    if cfg.pattern != "dynamic":
-        raise DHSAError(f"--boundary-predictor is used by --pattern dynamic only (pattern is {cfg.pattern!r}); "
-                        "drop it or pass --pattern dynamic")
-    from .algo.boundaries import cached_predictor
-
-    cached_predictor(cfg.boundary_predictor)
 
 
 def manifest_config(folder: Path, manifest: dict) -> DHSAConfig:

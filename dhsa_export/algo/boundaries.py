@@ -667,6 +667,17 @@ def make_chunker(cfg: DHSAConfig) -> Chunker:
     return similarity_chunker
 
 
+def check_predictor_option(cfg: DHSAConfig) -> None:
+    """For exporters: a boundary predictor serves the dynamic pattern only and must load
+    (``DHSAError`` naming the problem otherwise)."""
+    if not cfg.boundary_predictor:
+        return
+    if cfg.pattern != "dynamic":
+        raise DHSAError(f"--boundary-predictor is used by --pattern dynamic only (pattern is {cfg.pattern!r}); "
+                        "drop it or pass --pattern dynamic")
+    cached_predictor(cfg.boundary_predictor)
+
+
 def check_predictor_features(predictor: BoundaryPredictor, num_kv_heads: int, head_dim: int, path) -> None:
     """``DHSAError`` unless the predictor reads ``num_kv_heads x head_dim`` key features per token."""
     features = num_kv_heads * head_dim
