@@ -96,7 +96,8 @@ def chunk_offsets_nodes(key: torch.Tensor, state: ExportState):
     if not torch.onnx.is_in_onnx_export():
         return [state.chunker(key[b]) for b in range(key.shape[0])]
     predictor = state.predictor
-    inputs = (key,) if predictor is None else (key, predictor.batch_probabilities(key).to(key.dtype))
+    key = key.float()  # both rules read fp32 keys (as the reference does); a no-op for fp32 graphs
+    inputs = (key,) if predictor is None else (key, predictor.batch_probabilities(key))
     attrs = chunk_offsets_attributes(state.cfg, None if predictor is None else predictor.threshold)
     # nC + 1 is data dependent; the trace carries its bound L + 1 and the saved graph names the dim
     # (name_chunk_dims).

@@ -10,7 +10,9 @@ Contract (domain ``dhsa``, version 1):
 ``Route(query [B,Hq,Lq,D], key [B,Hkv,Lk,D] [, key_chunk_offsets int32 [B,nC+1]])
 -> (block_index int32 [B,Hr,nQ,nC], block_count int32 [B,Hr,nQ])``
     Selected chunk indices per routing head and query block, ascending, padded with -1; ``Hr =
-    Hq / head_group``. The width is the chunk count, so dense rows fit.
+    Hq / head_group``. The width is the chunk count, so dense rows fit. ``dynamic`` ranks chunks by
+    ``chunk_score``: ``mass`` = ``log mean_{j in c} exp(mean(q of block) . k_j / sqrt(D))`` (the
+    default, as DHSAConfig) or ``mean`` = ``mean(q of block) . mean(k of c) x sqrt(len c) / sqrt(D)``.
 
 ``BlockSparseAttention(query, key, value [B,Hkv,Lk,Dv], block_index, block_count
 [, key_chunk_offsets]) -> output [B,Hq,Lq,Dv]``

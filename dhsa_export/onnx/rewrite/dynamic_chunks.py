@@ -33,7 +33,9 @@ def add_dynamic_chunks(graph: Graph, cfg: DHSAConfig) -> int:
     if not routes:
         return 0
     key = routes[0].input[1]
-    dtype = graph.elem_type(key)
+    heads, dim = graph.static_dim(key, 1), graph.static_dim(key, 3)
+    if graph.elem_type(key) not in (None, TensorProto.FLOAT):  # both rules read fp32 keys, as the reference
+        (key,) = graph.add_node("Cast", [key], name="dhsa_rewrite/KeyToFloat", to=TensorProto.FLOAT)
     probs = None
     threshold = None
     if cfg.boundary_predictor:
@@ -41,7 +43,7 @@ def add_dynamic_chunks(graph: Graph, cfg: DHSAConfig) -> int:
 
         predictor = cached_predictor(cfg.boundary_predictor)
         threshold = predictor.threshold
-        probs = _predictor_nodes(graph, predictor, cfg.boundary_predictor, key, dtype)
+        probs = _predictor_nodes(graph, predictor, cfg.boundary_predictor, key, heads, dim)
     graph.ensure_opset(CHUNK_OFFSETS.domain, CHUNK_OFFSETS.version)
     (offsets,) = graph.add_node(CHUNK_OFFSETS.name, [key] + ([probs] if probs else []),
                                 [graph.fresh("dhsa_rewrite/key_chunk_offsets")], domain=CHUNK_OFFSETS.domain,
@@ -54,8 +56,9 @@ def add_dynamic_chunks(graph: Graph, cfg: DHSAConfig) -> int:
     return len(routes)
 
 
-def _predictor_nodes(graph: Graph, predictor, path: str, key: str, dtype: int | None) -> str:
-    """Append the predictor's standard ONNX ops reading ``key``; returns the probabilities' name."""
+def _predictor_nodes(graph: Graph, predictor, path: str, key: str, heads: int | None, dim: int | None) -> str:
+    """Append the predictor's standard ONNX ops reading the fp32 ``key`` (``heads`` x ``dim`` features
+    per token); returns the probabilities' name."""
     import torch
 
     from ..export import quiet_exporter
@@ -65,8 +68,6 @@ def _predictor_nodes(graph: Graph, predictor, path: str, key: str, dtype: int | 
         raise DHSAError(f"the model imports ONNX opset {opset}; the boundary predictor's ops need opset >= "
                         f"{MIN_PREDICTOR_OPSET} (re-export the model at a newer opset, or drop --boundary-predictor "
                         "to use the similarity rule)")
-    heads = graph.static_dim(key, 1)
-    dim = graph.static_dim(key, 3)
     if heads is None or dim is None:
         raise DHSAError(f"layer 0's keys {key!r} have no static head count / head dim; the boundary predictor "
                         "needs them (drop --boundary-predictor to use the similarity rule)")
@@ -92,17 +93,12 @@ def _predictor_nodes(graph: Graph, predictor, path: str, key: str, dtype: int | 
         raise DHSAError("the boundary predictor exported with ONNX functions, which the rewrite cannot merge; "
                         "please report this with your torch version")
     source, result = sub.graph.input[0].name, sub.graph.output[0].name
-    feed = key
-    if dtype not in (None, TensorProto.FLOAT):
-        (feed,) = graph.add_node("Cast", [key], name=f"{PREDICTOR_PREFIX}CastIn", to=TensorProto.FLOAT)
     for node in sub.graph.node:
-        node.input[:] = [feed if name == source else name for name in node.input]
+        node.input[:] = [key if name == source else name for name in node.input]
         graph.add_node(node.op_type, list(node.input), list(node.output), domain=node.domain,
                        name=node.name or f"{PREDICTOR_PREFIX}node",
                        **{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
     for tensor in sub.graph.initializer:
         graph.graph.initializer.append(tensor)
         graph.initializers[tensor.name] = tensor
-    if dtype not in (None, TensorProto.FLOAT):
-        (result,) = graph.add_node("Cast", [result], name=f"{PREDICTOR_PREFIX}CastOut", to=dtype)
     return result

@@ -271,6 +271,7 @@ struct ChunkOffsetsKernel {
   const OrtApi* api;
   ChunkOffsetsAttrs attrs;
   DType dtype;
+  const KernelTable* kernels;  // unused: the rules are scalar code
 
   void compute(OrtKernelContext* context) const {
     const OpSpec& op = chunk_offsets_spec();
@@ -382,12 +383,22 @@ void ORT_API_CALL destroy(void* kernel) {
   delete static_cast<Kernel*>(kernel);
 }
 
+// Reads a node's attributes with `read`, validates them and creates the kernel; any problem becomes
+// a status naming the op and the attribute.
+template <typename Kernel, typename Read>
+OrtStatus* create_kernel(const OrtCustomOp* custom_op, const OrtApi* api, void** kernel, Read&& read) {
+  *kernel = nullptr;
+  const Op& op = as_op(custom_op);
+  return guarded(api, op.spec->name, [&] {
+    const auto attrs = read(*op.spec);
+    attrs.validate();
+    *kernel = new Kernel{api, attrs, dtype_of(op.float_type), &kernels_from_env()};
+  });
+}
+
 OrtStatus* ORT_API_CALL create_route(const OrtCustomOp* custom_op, const OrtApi* api, const OrtKernelInfo* info,
                                       void** kernel) {
-  *kernel = nullptr;
-  return guarded(api, "Route", [&] {
-    const Op& op = as_op(custom_op);
-    const OpSpec& spec = *op.spec;
+  return create_kernel<RouteKernel>(custom_op, api, kernel, [&](const OpSpec& spec) {
     RouteAttrs a;
     a.q_block = read_int(api, info, spec, "q_block");
     a.k_block = read_int(api, info, spec, "k_block");
@@ -399,40 +410,31 @@ OrtStatus* ORT_API_CALL create_route(const OrtCustomOp* custom_op, const OrtApi*
     a.instruction_tokens = read_int(api, info, spec, "instruction_tokens");
     a.vslash_blockwise_above = read_int(api, info, spec, "vslash_blockwise_above");
     a.chunk_score = read_string(api, info, spec, "chunk_score");
-    a.validate();
-    *kernel = new RouteKernel{api, a, dtype_of(op.float_type), &kernels_from_env()};
+    return a;
   });
 }
 
 OrtStatus* ORT_API_CALL create_attention(const OrtCustomOp* custom_op, const OrtApi* api, const OrtKernelInfo* info,
                                           void** kernel) {
-  *kernel = nullptr;
-  return guarded(api, "BlockSparseAttention", [&] {
-    const Op& op = as_op(custom_op);
-    const OpSpec& spec = *op.spec;
+  return create_kernel<AttentionKernel>(custom_op, api, kernel, [&](const OpSpec& spec) {
     AttentionAttrs a;
     a.q_block = read_int(api, info, spec, "q_block");
     a.k_block = read_int(api, info, spec, "k_block");
     a.scale = read_float(api, info, spec, "scale");
     a.causal = read_int(api, info, spec, "causal");
-    a.validate();
-    *kernel = new AttentionKernel{api, a, dtype_of(op.float_type), &kernels_from_env()};
+    return a;
   });
 }
 
 OrtStatus* ORT_API_CALL create_chunk_offsets(const OrtCustomOp* custom_op, const OrtApi* api,
                                               const OrtKernelInfo* info, void** kernel) {
-  *kernel = nullptr;
-  return guarded(api, "ChunkOffsets", [&] {
-    const Op& op = as_op(custom_op);
-    const OpSpec& spec = *op.spec;
+  return create_kernel<ChunkOffsetsKernel>(custom_op, api, kernel, [&](const OpSpec& spec) {
     ChunkOffsetsAttrs a;
     a.min_chunk = read_int(api, info, spec, "min_chunk");
     a.max_chunk = read_int(api, info, spec, "max_chunk");
     a.window = read_int(api, info, spec, "window");
     a.threshold = read_float(api, info, spec, "threshold");
-    a.validate();
-    *kernel = new ChunkOffsetsKernel{api, a, dtype_of(op.float_type)};
+    return a;
   });
 }
 
