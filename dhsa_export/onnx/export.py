@@ -99,11 +99,13 @@ def chunk_offsets_nodes(key: torch.Tensor, state: ExportState):
     key = key.float()  # both rules read fp32 keys (as the reference does); a no-op for fp32 graphs
     inputs = (key,) if predictor is None else (key, predictor.batch_probabilities(key))
     attrs = chunk_offsets_attributes(state.cfg, None if predictor is None else predictor.threshold)
-    # nC + 1 is data dependent; the trace carries its bound L + 1 and the saved graph names the dim
-    # (name_chunk_dims).
+    (shape,) = CHUNK_OFFSETS.output_shapes(attrs, *(tuple(t.shape) for t in inputs))
+    # The registry names the data-dependent width (nC + 1); the trace carries its bound L + 1 and the
+    # saved graph gets the name back (name_chunk_dims).
+    traced = tuple(key.shape[2] + 1 if dim == CHUNK_OFFSETS_DIM else dim for dim in shape)
     return torch.onnx.ops.symbolic(
-        CHUNK_OFFSETS.qualified_name, inputs, attrs, dtype=torch.int32,
-        shape=(key.shape[0], key.shape[2] + 1), version=CHUNK_OFFSETS.version,
+        CHUNK_OFFSETS.qualified_name, inputs, attrs, dtype=torch.int32, shape=traced,
+        version=CHUNK_OFFSETS.version,
     )
 
 
@@ -139,14 +141,14 @@ def name_chunk_dims(model) -> int:
     offsets = {n.output[0] for n in model.graph.node if n.domain == DOMAIN and n.op_type == CHUNK_OFFSETS.name}
     chunked = {n.output[0] for n in model.graph.node
                if n.domain == DOMAIN and n.op_type == ROUTE.name and len(n.input) > 2 and n.input[2] in offsets}
+    renames = {**{name: (1, CHUNK_OFFSETS_DIM) for name in offsets}, **{name: (3, CHUNKS_DIM) for name in chunked}}
     changed = 0
     for info in list(model.graph.value_info) + list(model.graph.output):
-        name, dim = (CHUNK_OFFSETS_DIM, 1) if info.name in offsets else (CHUNKS_DIM, 3) if info.name in chunked \
-            else (None, None)
+        axis, dim_name = renames.get(info.name, (None, None))
         dims = info.type.tensor_type.shape.dim
-        if name is not None and len(dims) > dim:
-            dims[dim].ClearField("dim_value")
-            dims[dim].dim_param = name
+        if axis is not None and len(dims) > axis:
+            dims[axis].ClearField("dim_value")
+            dims[axis].dim_param = dim_name
             changed += 1
     return changed
 

@@ -746,11 +746,19 @@ def test_chunk_offsets_pads_rows_with_the_length(library):
     assert counts[0] == 25 and counts[1] == 7 and offsets.shape[1] == 26  # every 8th token vs forced cuts at 32
     assert (offsets[1, 8:] == 200).all()
     q = np.random.default_rng(4).standard_normal((3, 4, 200, 16)).astype(np.float32)
+    v = np.random.default_rng(5).standard_normal(key.shape).astype(np.float32)
     for score in ("mass", "mean"):
-        index, count = assert_route_equal(library, q, key, offsets, pattern="dynamic", q_block=32, k_block=16,
-                                          density=0.3, head_group=2, chunk_score=score)
-        v = np.random.default_rng(5).standard_normal(key.shape).astype(np.float32)
-        assert_attention_close(library, q, key, v, index, count, offsets, q_block=32, k_block=16)
+        attrs = dict(pattern="dynamic", q_block=32, k_block=16, density=0.3, head_group=2, chunk_score=score)
+        index, count = assert_route_equal(library, q, key, offsets, **attrs)
+        out = assert_attention_close(library, q, key, v, index, count, offsets, q_block=32, k_block=16)
+        for b, real in enumerate(counts):  # each sequence alone, on its unpadded chunks: the same
+            alone = offsets[b : b + 1, : real + 1]
+            index_b, count_b = run_route(library, q[b : b + 1], key[b : b + 1], alone, **attrs)
+            np.testing.assert_array_equal(count_b, count[b : b + 1])
+            np.testing.assert_array_equal(index_b, index[b : b + 1, ..., : real])
+            out_b = run_attention(library, q[b : b + 1], key[b : b + 1], v[b : b + 1], index_b, count_b, alone,
+                                  q_block=32, k_block=16)
+            np.testing.assert_array_equal(out_b, out[b : b + 1])
 
 
 def test_chunk_offsets_half_inputs(library):

@@ -146,6 +146,7 @@ def test_dynamic_prefill_has_one_chunk_offsets_node_feeding_every_layer(exported
     dims = {info.name: [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
             for info in graph.value_info}
     assert dims[chunks.output[0]] == [1, "key_chunks_plus_1"]
+    assert {dims[n.output[0]][-1] for n in nodes if n.op_type == "Route"} == {"key_chunks"}
 
 
 def ort_with_offsets_output(path):
