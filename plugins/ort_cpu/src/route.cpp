@@ -232,7 +232,7 @@ std::vector<float> mass_scores(const Task& t) {
         for (int64_t j = s + 1; j < e; ++j) peak = std::max(peak, x[j]);
         if (std::isinf(peak)) peak = 0.f;
         double total = 0.0;
-        for (int64_t j = s; j < e; ++j) total += std::exp(static_cast<double>(x[j] - peak));
+        for (int64_t j = s; j < e; ++j) total += static_cast<double>(std::exp(x[j] - peak));  // float exp, as torch
         score[(i0 + i) * nc + c] = (std::log(static_cast<float>(total)) + peak) - log_len[c];
       }
     }
