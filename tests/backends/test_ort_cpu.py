@@ -770,6 +770,12 @@ def test_chunk_offsets_half_inputs(library):
     np.testing.assert_array_equal(got, REFERENCES[CHUNKS](key.astype(np.float32), probs.astype(np.float32)))
 
 
+def test_chunk_offsets_empty_batch(library):
+    key = np.zeros((0, 2, 10, 4), np.float32)
+    assert assert_chunk_offsets_equal(library, key).shape == (0, 1)
+    assert assert_chunk_offsets_equal(library, key, np.zeros((0, 10), np.float32)).shape == (0, 1)
+
+
 def test_chunk_offsets_non_finite_probabilities(library):
     """NaN/inf probabilities are never proposed and never chosen for a forced cut (as in the reference)."""
     rng = np.random.default_rng(9)
