@@ -20,6 +20,7 @@ from .errors import DHSAError
 BACKENDS = ("ort-cpu", "trt")
 LIBRARY_DIR = "lib"
 TOKENIZER_DIR = "tokenizer"
+PREDICTOR_FILE = "boundary_predictor.safetensors"
 
 
 @dataclass
@@ -52,6 +53,10 @@ def validate(options: BuildOptions) -> None:
                 f"int4 block size {options.int4_block_size} is not supported; use one of "
                 f"{', '.join(map(str, SUPPORTED_BLOCK_SIZES))}"
             )
+    if options.cfg.boundary_predictor:
+        from .algo.boundaries import check_predictor_option
+
+        check_predictor_option(options.cfg)
     from .hf.models import validate_model_spec
 
     validate_model_spec(options.model_spec)
@@ -60,6 +65,14 @@ def validate(options: BuildOptions) -> None:
         raise DHSAError(f"output path {str(out)!r} is a file; pass a folder with -o")
     if out.exists() and any(out.iterdir()) and not options.force:
         raise DHSAError(f"output folder {str(out)!r} exists and is not empty; pass --force or another -o")
+
+
+def manifest_config(folder: Path, manifest: dict) -> DHSAConfig:
+    """The artifact's DHSA config, its boundary predictor resolved inside the artifact folder."""
+    values = dict(manifest["dhsa"])
+    if values.get("boundary_predictor"):
+        values["boundary_predictor"] = str(Path(folder) / values["boundary_predictor"])
+    return DHSAConfig(**values)
 
 
 def build(options: BuildOptions) -> Path:
@@ -92,6 +105,8 @@ def build(options: BuildOptions) -> Path:
         from .onnx.export import share_weights
 
         shared = share_weights(graphs["prefill"], graphs["decode"])
+        if options.cfg.boundary_predictor:
+            shutil.copy2(options.cfg.boundary_predictor, staging / PREDICTOR_FILE)
         bar.update()
         step("tokenizer + manifest")
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
@@ -131,6 +146,20 @@ def _backend_library(backend: str, staging: Path) -> Path:
     return target
 
 
+def _predictor_info(cfg: DHSAConfig, staging: Path) -> dict | None:
+    """The manifest's record of the learned boundary predictor (its weights are also initializers
+    ``boundary_predictor.*`` of prefill.onnx; the copy beside it serves ``check``'s reference)."""
+    if not cfg.boundary_predictor:
+        return None
+    from .algo.boundaries import read_predictor_metadata
+    from .artifact import sha256_file
+
+    meta = read_predictor_metadata(staging / PREDICTOR_FILE)
+    return {"file": PREDICTOR_FILE, "sha256": sha256_file(staging / PREDICTOR_FILE),
+            "source": str(Path(cfg.boundary_predictor).resolve()), "threshold": meta["threshold"],
+            "input_features": meta["input_features"], "in_graph": "prefill.onnx"}
+
+
 def _model_info(loaded, options: BuildOptions) -> dict:
     """The manifest's model section (taken before the torch weights are released)."""
     config = loaded.model.config
@@ -147,10 +176,12 @@ def _model_info(loaded, options: BuildOptions) -> dict:
 
 
 def _manifest_info(model_info: dict, options: BuildOptions, library: Path, shared: int, staging: Path) -> dict:
+    predictor = _predictor_info(options.cfg, staging)
     return {
         "backend": options.backend,
         "model": model_info,
-        "dhsa": options.cfg.to_dict(),
+        "dhsa": {**options.cfg.to_dict(), **({"boundary_predictor": PREDICTOR_FILE} if predictor else {})},
+        "boundary_predictor": predictor,
         "quantization": {"int4": options.int4, "block_size": options.int4_block_size,
                          "lm_head": options.int4_lm_head} if options.int4 else None,
         "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": "weights.bin",

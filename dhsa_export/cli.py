@@ -248,8 +248,6 @@ def build(model_spec, layers, attention, pattern, density, q_block, k_block, hea
     """Build a deployable artifact: ONNX graphs, weights, custom-op library, tokenizer, manifest."""
     if attention != "dhsa":
         raise DHSAError("build exports DHSA prefill graphs; drop --attention dense")
-    if pattern == "dynamic":
-        raise DHSAError("the dynamic pattern is not exportable yet (chunk prediction runs in PyTorch); use another --pattern")
     cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
     quiet_transformers()
     from .build import BuildOptions
@@ -278,6 +276,8 @@ def rewrite(input_path, output_path, attention, pattern, density, q_block, k_blo
     report = rewrite_model(input_path, output_path, cfg)
     for line in report.lines(verbose):
         click.echo(line)
+    if report.chunked_layers:
+        click.echo(f"dynamic: one dhsa::ChunkOffsets node on layer 0's keys feeds {report.chunked_layers} layers")
     if report.dropped_inputs:
         click.echo(f"inputs no longer used (prefill has no past): {', '.join(report.dropped_inputs)}")
     data = f" (+ {report.output.name}.data)" if report.external_data else ""

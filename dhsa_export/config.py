@@ -17,6 +17,8 @@ PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise", "dynamic")
 HEAD_ROUTING = ("head", "group")
 BOUNDARY_RULES = ("similarity", "fixed")
 CHUNK_SCORES = ("mass", "mean")
+# Tokens on each side of a boundary candidate (similarity rule, labels, predictor window).
+BOUNDARY_WINDOW = 4
 # Implementations of the sparse attention given a selection (dhsa_export.algo.attention): the
 # per-block reference, the gathered exact form (CPU default) and the CUDA kernels.
 ATTENTION_BACKENDS = ("reference", "torch-gather", "torch-cuda")
@@ -53,8 +55,9 @@ class DHSAConfig:
             log of the mean attention weight the block's mean query gives the chunk's tokens
             (logsumexp of the token logits minus log length), i.e. the softmax-domain
             aggregation, so a strongly attended token is not averaged away; ``"mean"``: the
-            paper's length-normalized mean key, ``mean(q) . mean(k) x sqrt(length)`` (what the
-            ONNX Route op computes). See :func:`dhsa_export.algo.routing.chunk_mass_scores`.
+            paper's length-normalized mean key, ``mean(q) . mean(k) x sqrt(length)``. The ONNX
+            Route op computes either (its ``chunk_score`` attribute). See
+            :func:`dhsa_export.algo.routing.chunk_mass_scores`.
     """
 
     density: float = 0.125

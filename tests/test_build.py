@@ -115,6 +115,58 @@ def test_existing_output_is_not_overwritten(small_artifact):
     assert result.exit_code == 2 and "--force" in result.output
 
 
+@pytest.fixture(scope="module")
+def dynamic_artifact(tmp_path_factory):
+    """The 2-layer default model with --pattern dynamic and a (tiny, untrained) boundary predictor."""
+    from tests.onnx.test_export import tiny_predictor
+
+    folder = tmp_path_factory.mktemp("dynamic")
+    predictor = tiny_predictor(folder / "predictor.safetensors", 3 * 64)  # SmolLM2: 3 KV heads x 64 dims
+    out = folder / "artifact"
+    result = run_cli("build", "--layers", "2", "--pattern", "dynamic", "--boundary-predictor", predictor, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out, predictor
+
+
+def test_dynamic_artifact_records_the_predictor_runs_and_checks(dynamic_artifact, tmp_path):
+    import onnx
+
+    from dhsa_export.artifact import sha256_file
+
+    out, predictor = dynamic_artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dhsa"]["pattern"] == "dynamic" and manifest["dhsa"]["chunk_score"] == "mass"
+    record = manifest["boundary_predictor"]
+    assert record["sha256"] == sha256_file(predictor) == manifest["files"][record["file"]]
+    assert manifest["dhsa"]["boundary_predictor"] == record["file"] and (out / record["file"]).is_file()
+    graph = onnx.load(str(out / "prefill.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node if n.domain == "dhsa"].count("ChunkOffsets") == 1
+    assert any(t.name.startswith("boundary_predictor.") for t in graph.initializer)
+
+    result = run_cli("run", out, "--prompt", "Hello", "--max-new-tokens", "3")
+    assert result.exit_code == 0 and result.output.strip(), result.output
+    report_path = tmp_path / "check.json"
+    result = run_cli("check", out, "--json", report_path, "--lengths", "64,600")
+    assert result.exit_code == 0, result.output
+    assert json.loads(report_path.read_text())["passed"] is True
+
+
+def test_bad_boundary_predictor_is_one_line(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not safetensors")
+    cases = [
+        (["--pattern", "dynamic", "--boundary-predictor", garbage], "is not a readable safetensors file"),
+        (["--pattern", "dynamic", "--boundary-predictor", tmp_path / "missing.safetensors"], "does not exist"),
+        (["--boundary-predictor", garbage], "used by --pattern dynamic only"),
+    ]
+    for args, fragment in cases:
+        result = run_cli("build", *args, "-o", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and fragment in lines[0], result.output
+        assert not (tmp_path / "out").exists()
+
+
 def reference_tokens(loaded, cfg: DHSAConfig, prompt_text: str, max_new_tokens: int) -> list[int]:
     """Greedy tokens of the PyTorch DHSA reference (transformers with the 'dhsa' attention)."""
     from dhsa_export.hf.generate import generate, set_attention

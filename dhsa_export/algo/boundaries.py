@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DHSAConfig
+from ..config import BOUNDARY_WINDOW, DHSAConfig
 from ..errors import DHSAError
 from .layout import fixed_offsets
 
@@ -49,7 +49,7 @@ Chunker = Callable[[torch.Tensor], torch.Tensor]
 PREDICTOR_FORMAT = "dhsa-boundary-predictor"
 PREDICTOR_VERSION = 1
 METADATA_KEY = "dhsa_boundary_predictor"
-DEFAULT_WINDOW = 4
+DEFAULT_WINDOW = BOUNDARY_WINDOW
 DEFAULT_RATIO = 2.0
 
 
@@ -476,9 +476,35 @@ class BoundaryPredictor(nn.Module):
             probs = torch.sigmoid(self.sequence_logits(keys))
         finally:
             self.train(was_training)
-        length = keys.shape[1]
-        proposals = (probs[: max(0, length - 1)] >= self.threshold).nonzero().squeeze(1) + 1
-        return enforce_chunk_limits(proposals, length, min_chunk, max_chunk, probs).to(keys.device)
+        return threshold_boundaries(probs, self.threshold, min_chunk, max_chunk).to(keys.device)
+
+    def batch_probabilities(self, keys: torch.Tensor) -> torch.Tensor:
+        """Boundary probabilities ``[B, L]`` from layer-0 keys ``[B, Hkv, L, D]`` without loops or
+        data-dependent shapes, so ``torch.onnx.export`` traces it into standard ONNX ops.
+
+        The same computation as ``sigmoid(sequence_logits(keys[b]))``: the windows are gathered as
+        ``2w`` shifted slices of the padded per-token projections instead of ``unfold``.
+        """
+        batch, heads, length, dim = keys.shape
+        w = self.window
+        features = keys.float().permute(0, 2, 1, 3).reshape(batch, length, heads * dim)
+        padded = F.pad(self.normalize(features), (0, 0, w - 1, w))  # [B, L + 2w - 1, F]
+        tokens = self.input_proj(padded)
+        token_qkv = F.linear(tokens, self.attn.qkv.weight)
+        slot_qkv = self.attn.qkv(self.position)
+        x = torch.stack([tokens[:, s : s + length] for s in range(2 * w)], dim=2) + self.position
+        qkv = torch.stack([token_qkv[:, s : s + length] for s in range(2 * w)], dim=2) + slot_qkv
+        logits = self._head(x.reshape(batch * length, 2 * w, -1), qkv.reshape(batch * length, 2 * w, -1))
+        return torch.sigmoid(logits).reshape(batch, length)
+
+
+def threshold_boundaries(probs: torch.Tensor, threshold: float, min_chunk: int, max_chunk: int) -> torch.Tensor:
+    """Offsets ``[nC + 1]`` from one sequence's boundary probabilities ``[L]``: candidates ``c < L - 1``
+    with ``probs[c] >= threshold`` are proposed, then :func:`enforce_chunk_limits` (forced cuts at the
+    highest probability). The learned predictor's rule; ``dhsa::ChunkOffsets`` with ``boundary_probs``."""
+    length = probs.shape[0]
+    proposals = (probs[: max(0, length - 1)] >= threshold).nonzero().squeeze(1) + 1
+    return enforce_chunk_limits(proposals, length, min_chunk, max_chunk, probs)
 
 
 def save_predictor(predictor: BoundaryPredictor, path: str | os.PathLike, info: dict | None = None) -> Path:
@@ -620,13 +646,7 @@ def make_chunker(cfg: DHSAConfig) -> Chunker:
 
         def predictor_chunker(keys: torch.Tensor) -> torch.Tensor:
             _check_keys(keys)
-            features = keys.shape[0] * keys.shape[2]
-            if features != predictor.input_features:
-                raise DHSAError(
-                    f"boundary predictor {path} expects {predictor.input_features} key features per token "
-                    f"but this model's layer-0 keys give {features} ({keys.shape[0]} KV heads x "
-                    f"{keys.shape[2]} dims); train a predictor for this model with train_boundaries"
-                )
+            check_predictor_features(predictor, keys.shape[0], keys.shape[2], path)
             device = str(keys.device)
             if device not in per_device:
                 per_device[device] = predictor if device == "cpu" else _copy_to(predictor, keys.device)
@@ -645,6 +665,28 @@ def make_chunker(cfg: DHSAConfig) -> Chunker:
         return similarity_boundaries(keys, cfg.min_chunk, cfg.max_chunk)
 
     return similarity_chunker
+
+
+def check_predictor_option(cfg: DHSAConfig) -> None:
+    """For exporters: a boundary predictor serves the dynamic pattern only and must load
+    (``DHSAError`` naming the problem otherwise)."""
+    if not cfg.boundary_predictor:
+        return
+    if cfg.pattern != "dynamic":
+        raise DHSAError(f"--boundary-predictor is used by --pattern dynamic only (pattern is {cfg.pattern!r}); "
+                        "drop it or pass --pattern dynamic")
+    cached_predictor(cfg.boundary_predictor)
+
+
+def check_predictor_features(predictor: BoundaryPredictor, num_kv_heads: int, head_dim: int, path) -> None:
+    """``DHSAError`` unless the predictor reads ``num_kv_heads x head_dim`` key features per token."""
+    features = num_kv_heads * head_dim
+    if features != predictor.input_features:
+        raise DHSAError(
+            f"boundary predictor {path} expects {predictor.input_features} key features per token "
+            f"but this model's layer-0 keys give {features} ({num_kv_heads} KV heads x "
+            f"{head_dim} dims); train a predictor for this model with train_boundaries"
+        )
 
 
 def _copy_to(predictor: BoundaryPredictor, device) -> BoundaryPredictor:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import read_manifest
-from ..config import DHSAConfig
 from ..errors import DHSAError
 
 DEFAULT_LENGTHS = (96, 700, 1500)
@@ -106,13 +105,14 @@ def check_artifact(folder: str | Path, lengths=DEFAULT_LENGTHS, json_path: str |
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our own report is printed instead of per-run dumps
 
     from ..backends.ort_cpu.generate import session_with_library
+    from ..build import manifest_config
     from ..hf.models import load_model
     from ..onnx.export import PrefillGraph, install_export_attention
 
     folder = Path(folder)
     manifest = read_manifest(folder, verify=True)
     model_info = manifest["model"]
-    cfg = DHSAConfig(**manifest["dhsa"])
+    cfg = manifest_config(folder, manifest)
     tolerances = INT4_TOLERANCES if manifest.get("quantization") else FP32_TOLERANCES
     too_long = [n for n in lengths if n > model_info["max_length"]]
     if too_long:

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from ..algo.attention import block_sparse_attention, dense_attention
+from ..algo.boundaries import similarity_boundaries, threshold_boundaries
 from ..algo.layout import BlockGrid, Selection, fixed_offsets
 from ..algo.routing import route
-from ..onnx.registry import BLOCK_SPARSE_ATTENTION, ROUTE, config_from_route_attributes
+from ..onnx.registry import BLOCK_SPARSE_ATTENTION, CHUNK_OFFSETS, ROUTE, config_from_route_attributes
 
 
 def _offsets(key_chunk_offsets, batch: int, key_length: int, k_block: int) -> torch.Tensor:
@@ -74,6 +75,28 @@ def reference_block_sparse_attention(query, key, value, block_index, block_count
     return torch.stack(out).numpy()
 
 
+def reference_chunk_offsets(key, boundary_probs=None, **attrs) -> np.ndarray:
+    """``dhsa::ChunkOffsets``: int32 ``[B, nC + 1]``, each row padded with ``L`` to the longest."""
+    values = {**CHUNK_OFFSETS.defaults(), **attrs}
+    k = torch.as_tensor(np.asarray(key, dtype=np.float32))
+    min_chunk, max_chunk = int(values["min_chunk"]), int(values["max_chunk"])
+    if boundary_probs is not None:
+        probs = torch.as_tensor(np.asarray(boundary_probs, dtype=np.float32))
+        if tuple(probs.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"boundary_probs {tuple(probs.shape)} must be [batch, key length]")
+    rows = []
+    for b in range(k.shape[0]):
+        if boundary_probs is None:
+            rows.append(similarity_boundaries(k[b], min_chunk, max_chunk, int(values["window"])))
+        else:
+            rows.append(threshold_boundaries(probs[b], float(values["threshold"]), min_chunk, max_chunk))
+    width = max([len(row) for row in rows], default=1)
+    out = np.full((k.shape[0], width), k.shape[2], dtype=np.int32)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = row.numpy()
+    return out
+
+
 def _check_lengths(query_length: int, key_length: int) -> None:
     """Queries sit at the end of the keys, so there can be no more queries than keys."""
     if query_length > key_length:
@@ -96,4 +119,5 @@ def selection_mask(index: np.ndarray, count: np.ndarray, num_chunks: int) -> tor
 REFERENCES: dict[str, Callable] = {
     ROUTE.qualified_name: reference_route,
     BLOCK_SPARSE_ATTENTION.qualified_name: reference_block_sparse_attention,
+    CHUNK_OFFSETS.qualified_name: reference_chunk_offsets,
 }

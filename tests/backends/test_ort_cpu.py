@@ -669,3 +669,192 @@ def test_mixed_float_types_are_rejected(library):
     model.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT16
     with pytest.raises(ORT_ERRORS):
         make_session(model, threads=1, library=library)
+
+
+# --------------------------------------------------------------------------------- ChunkOffsets
+
+CHUNKS = registry.CHUNK_OFFSETS.qualified_name
+
+
+def run_chunk_offsets(library, key, probs=None, **attrs):
+    feeds = {"key": key}
+    if probs is not None:
+        feeds["boundary_probs"] = probs.astype(key.dtype)
+    return session(library, CHUNKS, attrs, key.dtype.type, probs is not None).run(None, feeds)[0]
+
+
+def assert_chunk_offsets_equal(library, key, probs=None, **attrs):
+    got = run_chunk_offsets(library, key, probs, **attrs)
+    want = REFERENCES[CHUNKS](key, probs, **as_reference_attrs(attrs))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    return got
+
+
+def smooth_keys(b, hkv, length, d, seed):
+    """Keys that drift like text (a random walk per topic plus noise, topics switching at random):
+    similarity drops at the switches, so the rule has real peaks to find."""
+    rng = np.random.default_rng(seed)
+    switches = np.cumsum(rng.random((b, length)) < 0.06, axis=1)
+    topics = rng.standard_normal((b, hkv, int(switches.max(initial=0)) + 1, d)).astype(np.float32)
+    picked = np.take_along_axis(topics, switches[:, None, :, None].repeat(hkv, 1).repeat(d, 3), axis=2)
+    return (picked + 0.4 * rng.standard_normal((b, hkv, length, d))).astype(np.float32)
+
+
+def random_probs(rng, b, length, levels=None):
+    """Boundary probabilities; with ``levels`` only that many distinct values (many exact ties)."""
+    probs = rng.random((b, length)).astype(np.float32)
+    return np.round(probs * levels) / levels if levels else probs ** 3
+
+
+@pytest.mark.parametrize("length", [0, 1, 5, 8, 9, 17, 40, 97, 300, 1000])
+@pytest.mark.parametrize("limits", [(8, 32), (1, 4), (4, 6), (16, 16)], ids=lambda m: f"{m[0]}-{m[1]}")
+def test_chunk_offsets_similarity_equals_reference(library, length, limits):
+    key = smooth_keys(2, 2, length, 16, seed=length)
+    offsets = assert_chunk_offsets_equal(library, key, min_chunk=limits[0], max_chunk=limits[1])
+    assert offsets.shape[0] == 2 and (offsets[:, 0] == 0).all() and (offsets[:, -1] == length).all()
+
+
+@pytest.mark.parametrize("heads,head_dim", [(1, 64), (3, 64), (8, 128)])
+@pytest.mark.parametrize("window", [1, 2, 4, 7])
+def test_chunk_offsets_similarity_heads_and_windows(library, heads, head_dim, window):
+    key = smooth_keys(1, heads, 400, head_dim, seed=heads + window)
+    offsets = assert_chunk_offsets_equal(library, key, window=window)
+    lengths = np.diff(offsets[0])
+    assert lengths.min() >= 8 and lengths.max() <= 32
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 9, 33, 250, 1200])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.97, 1.0])
+def test_chunk_offsets_predictor_equals_reference(library, length, threshold):
+    rng = np.random.default_rng(length)
+    key = np.zeros((3, 2, length, 4), np.float32)  # only the probabilities are read
+    for levels in (None, 4):
+        probs = random_probs(rng, 3, length, levels)
+        offsets = assert_chunk_offsets_equal(library, key, probs, threshold=threshold)
+        assert offsets.shape[0] == 3
+
+
+def test_chunk_offsets_pads_rows_with_the_length(library):
+    """Sequences of one batch get different chunk counts: shorter rows end in empty chunks at L,
+    and Route/BlockSparseAttention on the padded offsets equal the references."""
+    rng = np.random.default_rng(3)
+    probs = np.stack([np.ones(200, np.float32), np.zeros(200, np.float32), rng.random(200).astype(np.float32)])
+    key = smooth_keys(3, 2, 200, 16, seed=1)
+    offsets = assert_chunk_offsets_equal(library, key, probs, min_chunk=8, max_chunk=32)
+    counts = [(np.diff(row) > 0).sum() for row in offsets]
+    assert counts[0] == 25 and counts[1] == 7 and offsets.shape[1] == 26  # every 8th token vs forced cuts at 32
+    assert (offsets[1, 8:] == 200).all()
+    q = np.random.default_rng(4).standard_normal((3, 4, 200, 16)).astype(np.float32)
+    v = np.random.default_rng(5).standard_normal(key.shape).astype(np.float32)
+    for score in ("mass", "mean"):
+        attrs = dict(pattern="dynamic", q_block=32, k_block=16, density=0.3, head_group=2, chunk_score=score)
+        index, count = assert_route_equal(library, q, key, offsets, **attrs)
+        out = assert_attention_close(library, q, key, v, index, count, offsets, q_block=32, k_block=16)
+        for b, real in enumerate(counts):  # each sequence alone, on its unpadded chunks: the same
+            alone = offsets[b : b + 1, : real + 1]
+            index_b, count_b = run_route(library, q[b : b + 1], key[b : b + 1], alone, **attrs)
+            np.testing.assert_array_equal(count_b, count[b : b + 1])
+            np.testing.assert_array_equal(index_b, index[b : b + 1, ..., : real])
+            out_b = run_attention(library, q[b : b + 1], key[b : b + 1], v[b : b + 1], index_b, count_b, alone,
+                                  q_block=32, k_block=16)
+            np.testing.assert_array_equal(out_b, out[b : b + 1])
+
+
+def test_chunk_offsets_half_inputs(library):
+    key = smooth_keys(1, 2, 300, 16, seed=8).astype(np.float16)
+    got = run_chunk_offsets(library, key, min_chunk=4, max_chunk=20)
+    np.testing.assert_array_equal(got, REFERENCES[CHUNKS](key.astype(np.float32), min_chunk=4, max_chunk=20))
+    probs = random_probs(np.random.default_rng(2), 1, 300, 8).astype(np.float16)
+    got = run_chunk_offsets(library, key, probs)
+    np.testing.assert_array_equal(got, REFERENCES[CHUNKS](key.astype(np.float32), probs.astype(np.float32)))
+
+
+def test_chunk_offsets_empty_batch(library):
+    key = np.zeros((0, 2, 10, 4), np.float32)
+    assert assert_chunk_offsets_equal(library, key).shape == (0, 1)
+    assert assert_chunk_offsets_equal(library, key, np.zeros((0, 10), np.float32)).shape == (0, 1)
+
+
+def test_chunk_offsets_non_finite_probabilities(library):
+    """NaN/inf probabilities are never proposed and never chosen for a forced cut (as in the reference)."""
+    rng = np.random.default_rng(9)
+    probs = rng.random((1, 300)).astype(np.float32)
+    probs[0, ::7] = np.nan
+    probs[0, 3::11] = np.inf
+    probs[0, 5::13] = -np.inf
+    assert_chunk_offsets_equal(library, np.zeros((1, 1, 300, 2), np.float32), probs, threshold=0.9)
+
+
+@HYPOTHESIS
+@given(data=st.data())
+def test_chunk_offsets_property(library, data):
+    length = data.draw(st.integers(0, 300), label="length")
+    batch = data.draw(st.integers(1, 3), label="batch")
+    min_chunk = data.draw(st.integers(1, 12), label="min_chunk")
+    attrs = dict(min_chunk=min_chunk, max_chunk=min_chunk + data.draw(st.integers(0, 30), label="extra"),
+                 window=data.draw(st.integers(1, 6), label="window"),
+                 threshold=data.draw(st.sampled_from([0.1, 0.5, 0.8]), label="threshold"))
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    key = smooth_keys(batch, data.draw(st.integers(1, 3), label="hkv"), length, 8, seed)
+    probs = random_probs(np.random.default_rng(seed), batch, length, data.draw(st.sampled_from([None, 3])))
+    use_probs = data.draw(st.booleans(), label="predictor")
+    offsets = assert_chunk_offsets_equal(library, key, probs if use_probs else None, **attrs)
+    for row in offsets:
+        assert row[0] == 0 and row[-1] == length and (np.diff(row) >= 0).all()
+        real = np.diff(row)[np.diff(row) > 0]
+        assert (real <= attrs["max_chunk"]).all()
+
+
+def test_chunk_offsets_bad_inputs_are_errors(library):
+    key = smooth_keys(1, 2, 50, 8, seed=0)
+    with pytest.raises(ORT_ERRORS, match=r"boundary_probs \[1, 49\] must be \[batch, key length\] = \[1, 50\]"):
+        run_chunk_offsets(library, key, np.zeros((1, 49), np.float32))
+    with pytest.raises(ORT_ERRORS, match=r"boundary_probs \[2, 50\] must be"):
+        run_chunk_offsets(library, key, np.zeros((2, 50), np.float32))
+    with pytest.raises(ORT_ERRORS, match=r"input key has rank 3"):
+        run_chunk_offsets(library, key[0])
+    with pytest.raises(ORT_ERRORS, match=r"key heads = 0"):
+        run_chunk_offsets(library, key[:, :0])
+
+
+@pytest.mark.parametrize("attrs,message", [
+    (dict(min_chunk=0), r"min_chunk = 0 must be >= 1"),
+    (dict(min_chunk=9, max_chunk=8), r"max_chunk = 8 must be >= min_chunk = 9"),
+    (dict(window=0), r"window = 0 must be >= 1"),
+    (dict(threshold=float("nan")), r"threshold = nan must be finite"),
+    (dict(threshold=1), r"attribute threshold must be of type float"),
+])
+def test_chunk_offsets_bad_attributes_fail_session_creation(library, attrs, message):
+    with pytest.raises(ORT_ERRORS, match=message):
+        make_session(op_model(CHUNKS, attrs), threads=1, library=library)
+
+
+@pytest.mark.parametrize("chunk_score", ["mass", "mean"])
+@pytest.mark.parametrize("per_group", [False, True], ids=["head", "group"])
+@pytest.mark.parametrize("heads", GQA, ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_route_dynamic_chunk_scores_on_predicted_chunks(library, chunk_score, per_group, heads):
+    """Route over ChunkOffsets' own chunks (similarity rule) with either chunk score."""
+    hq, hkv = heads
+    q, _, _ = qkv(1, hq, hkv, 333, 333, 64, seed=hq + hkv)
+    key = smooth_keys(1, hkv, 333, 64, seed=hq)
+    offsets = run_chunk_offsets(library, key)
+    assert_route_equal(library, q, key, offsets, pattern="dynamic", q_block=64, k_block=16, density=0.2,
+                       head_group=hq // hkv if per_group else 1, chunk_score=chunk_score, sink_tokens=16,
+                       local_tokens=48, instruction_tokens=40)
+
+
+def test_route_chunk_scores_differ_and_bad_score_is_an_error(library):
+    """A chunk holding one strongly attended key among opposed ones ranks high by mass, low by mean."""
+    q, k, _ = qkv(1, 1, 1, 256, 256, 16, seed=40)
+    direction = q[0, 0, 224:].mean(0) / np.linalg.norm(q[0, 0, 224:].mean(0))  # the last block's mean query
+    k[0, 0, 96:112] = -2.0 * direction  # chunk 6: mean key points away from the query ...
+    k[0, 0, 100] = 16.0 * direction  # ... but holds a heavy hitter
+    offsets = np.arange(0, 257, 16, dtype=np.int32)[None]
+    attrs = dict(pattern="dynamic", q_block=32, k_block=16, density=0.3, sink_tokens=0, local_tokens=0,
+                 instruction_tokens=0)
+    mass, _ = assert_route_equal(library, q, k, offsets, chunk_score="mass", **attrs)
+    mean, _ = assert_route_equal(library, q, k, offsets, chunk_score="mean", **attrs)
+    assert 6 in mass[0, 0, 7] and 6 not in mean[0, 0, 7]
+    with pytest.raises(ORT_ERRORS, match=r"chunk_score = 'max' is unknown"):
+        make_session(op_model(ROUTE, dict(chunk_score="max")), threads=1, library=library)

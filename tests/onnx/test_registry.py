@@ -14,7 +14,9 @@ import pytest
 from onnx import AttributeProto
 
 from dhsa_export.check.references import REFERENCES
-from dhsa_export.onnx.registry import BLOCK_SPARSE_ATTENTION, DOMAIN, OPS, ROUTE, VERSION
+from dhsa_export.onnx.registry import (
+    BLOCK_SPARSE_ATTENTION, CHUNK_OFFSETS, CHUNK_OFFSETS_DIM, DOMAIN, OPS, ROUTE, VERSION,
+)
 from tests.backends.test_ort_cpu import library, qkv, run_attention, run_route, variable_offsets  # noqa: F401
 from tests.onnx.test_export import exported, tiny  # noqa: F401
 
@@ -54,6 +56,22 @@ def test_shape_inference_matches_kernels_and_references(library, b, hq, hkv, lq,
     assert output.shape == np.asarray(reference).shape == tuple(want_output)
 
 
+@pytest.mark.parametrize("predictor", [False, True])
+def test_chunk_offsets_shape_inference_matches_kernel_and_reference(library, predictor):  # noqa: F811
+    from tests.backends.test_ort_cpu import run_chunk_offsets, smooth_keys
+
+    key = smooth_keys(2, 3, 150, 8, seed=5)
+    probs = np.random.default_rng(0).random((2, 150)).astype(np.float32) if predictor else None
+    (want,) = CHUNK_OFFSETS.output_shapes({}, key.shape, None if probs is None else probs.shape)
+    assert want == (2, CHUNK_OFFSETS_DIM)  # the width is data dependent
+    got = run_chunk_offsets(library, key, probs)
+    ref = REFERENCES[CHUNK_OFFSETS.qualified_name](key, probs)
+    assert got.shape == ref.shape and got.shape[0] == want[0]
+    index, count = ROUTE.output_shapes({"pattern": "dynamic"}, (2, 4, 150, 8), key.shape, want)
+    assert index == (2, 4, 2, None) and count == (2, 4, 2)  # nC unknown until the offsets exist
+    assert ROUTE.output_shapes({}, (2, 4, 150, 8), key.shape, got.shape)[0][-1] == got.shape[1] - 1
+
+
 def test_unknown_dims_stay_unknown():
     index, count = ROUTE.output_shapes({"head_group": 4}, (None, 32, None, None), (None, 8, None, None))
     assert index == (None, 8, None, None) and count == (None, 8, None)
@@ -63,9 +81,10 @@ def dhsa_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if node.domain == DOMAIN]
 
 
-def assert_nodes_follow_registry(model: onnx.ModelProto, expected_pairs: int) -> None:
+def assert_nodes_follow_registry(model: onnx.ModelProto, expected_pairs: int, chunk_offsets: int = 0) -> None:
     nodes = dhsa_nodes(model)
-    assert sorted(node.op_type for node in nodes) == sorted(["Route", "BlockSparseAttention"] * expected_pairs)
+    expected = ["Route", "BlockSparseAttention"] * expected_pairs + ["ChunkOffsets"] * chunk_offsets
+    assert sorted(node.op_type for node in nodes) == sorted(expected)
     assert (DOMAIN, VERSION) in [(o.domain, o.version) for o in model.opset_import]
     for node in nodes:
         spec = OPS[node.op_type]

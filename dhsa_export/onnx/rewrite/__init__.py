@@ -9,7 +9,9 @@ One rule per foreign attention form, each a module with pattern / check / rewrit
   attention, decomposed SDPA).
 
 Every matched attention becomes ``dhsa::Route`` + ``dhsa::BlockSparseAttention`` built from the op
-registry exactly as :mod:`dhsa_export.onnx.export` emits them. :func:`rewrite_model` runs the rules,
+registry exactly as :mod:`dhsa_export.onnx.export` emits them (with the ``dynamic`` pattern,
+:mod:`.dynamic_chunks` then adds the one ``dhsa::ChunkOffsets`` node on layer 0's keys that every
+pair reads). :func:`rewrite_model` runs the rules,
 reports per-rule counts and the reason for every candidate left alone, and fails when nothing matched.
 """
 

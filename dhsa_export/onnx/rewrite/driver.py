@@ -22,6 +22,7 @@ from ...config import DHSAConfig
 from ...errors import DHSAError
 from ..registry import BLOCK_SPARSE_ATTENTION
 from .common import Rule, RuleResult
+from .dynamic_chunks import add_dynamic_chunks
 from .graph import Graph, validation_error
 from .group_query_attention import GroupQueryAttentionRule
 from .matmul_softmax import MatMulSoftmaxRule
@@ -43,6 +44,7 @@ class RewriteReport:
     external_data: bool = False
     model: onnx.ModelProto | None = field(default=None, repr=False)  # only when not saved
     validated: bool = False  # ONNX checker + strict shape inference passed on the result
+    chunked_layers: int = 0  # dynamic pattern: Route nodes reading the one ChunkOffsets node
 
     @property
     def total(self) -> int:
@@ -79,9 +81,10 @@ def rewrite_model(model_or_path, out_path: str | os.PathLike | None, cfg: DHSACo
     ``dhsa::BlockSparseAttention`` and save the result to ``out_path`` (None: rewrite in memory only,
     the report's ``model`` holds the result). Raises :class:`DHSAError` when nothing matched,
     naming the patterns tried and why their candidates were left alone."""
-    if cfg.pattern == "dynamic":
-        raise DHSAError("the dynamic pattern is not exportable yet (chunk prediction runs in PyTorch); "
-                        "use another --pattern")
+    if cfg.boundary_predictor:
+        from ...algo.boundaries import check_predictor_option
+
+        check_predictor_option(cfg)
     model, source, external = _load(model_or_path)
     input_error = validation_error(model)
     graph = Graph(model)
@@ -92,6 +95,9 @@ def rewrite_model(model_or_path, out_path: str | os.PathLike | None, cfg: DHSACo
         hint = f" (it already holds {done} {BLOCK_SPARSE_ATTENTION.qualified_name} nodes)" if done else ""
         raise DHSAError(f"no attention to rewrite in {source}{hint}: tried {report.tried()}")
     report.dropped_inputs = graph.finish()
+    if cfg.pattern == "dynamic" and (cfg.boundary_predictor or cfg.boundary_rule != "fixed"):
+        report.chunked_layers = add_dynamic_chunks(graph, cfg)
+        graph.finish()
     if input_error is None:  # a foreign graph the checker already rejects (e.g. ORT-only ops) is not re-checked
         output_error = validation_error(model)
         if output_error is not None:

@@ -29,6 +29,20 @@ OpSpec make_route() {
           {"local_tokens", AttrKind::kInt, 128, 0.0, nullptr},
           {"instruction_tokens", AttrKind::kInt, 128, 0.0, nullptr},
           {"vslash_blockwise_above", AttrKind::kInt, 65536, 0.0, nullptr},
+          {"chunk_score", AttrKind::kString, 0, 0.0, "mass"},
+      }};
+}
+
+OpSpec make_chunk_offsets() {
+  return OpSpec{
+      "ChunkOffsets",
+      {{"key", true, 4, false}, {"boundary_probs", true, 2, true}},
+      {{"key_chunk_offsets", false, 2, false}},
+      {
+          {"min_chunk", AttrKind::kInt, 8, 0.0, nullptr},
+          {"max_chunk", AttrKind::kInt, 32, 0.0, nullptr},
+          {"window", AttrKind::kInt, 4, 0.0, nullptr},
+          {"threshold", AttrKind::kFloat, 0, 0.5, nullptr},
       }};
 }
 
@@ -109,8 +123,13 @@ const OpSpec& attention_spec() {
   return spec;
 }
 
+const OpSpec& chunk_offsets_spec() {
+  static const OpSpec spec = make_chunk_offsets();
+  return spec;
+}
+
 const std::vector<const OpSpec*>& all_specs() {
-  static const std::vector<const OpSpec*> specs = {&route_spec(), &attention_spec()};
+  static const std::vector<const OpSpec*> specs = {&route_spec(), &attention_spec(), &chunk_offsets_spec()};
   return specs;
 }
 

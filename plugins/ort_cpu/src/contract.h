@@ -42,6 +42,7 @@ struct OpSpec {
 
 const OpSpec& route_spec();
 const OpSpec& attention_spec();
+const OpSpec& chunk_offsets_spec();
 const std::vector<const OpSpec*>& all_specs();
 
 // {"domain", "version", "ops": [{"name", "inputs", "outputs", "attributes"}]} like the registry.

@@ -1,8 +1,9 @@
-// The two dhsa ops on fp32 buffers, independent of ONNX Runtime (ort_ops.cpp adapts them).
+// The dhsa ops on fp32 buffers, independent of ONNX Runtime (ort_ops.cpp adapts them).
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "kernel_api.h"
@@ -19,6 +20,7 @@ struct RouteAttrs {
   int64_t local_tokens = 128;
   int64_t instruction_tokens = 128;
   int64_t vslash_blockwise_above = 65536;
+  std::string chunk_score = "mass";  // dynamic: "mass" (log mean exp of token logits) or "mean"
 
   void validate() const;  // throws Error naming the bad attribute
 };
@@ -72,6 +74,27 @@ struct AttentionProblem {
 // Validates counts, indices and offsets, then computes output [B, Hq, Lq, Dv]. Throws Error.
 void block_sparse_attention(const AttentionAttrs& attrs, const AttentionProblem& problem, float* output,
                             const Parallel& parallel, const KernelTable& kernels);
+
+struct ChunkOffsetsAttrs {
+  int64_t min_chunk = 8;
+  int64_t max_chunk = 32;
+  int64_t window = 4;
+  double threshold = 0.5;
+
+  void validate() const;
+};
+
+struct ChunkOffsetsProblem {
+  const float* key = nullptr;    // [B, Hkv, L, D] layer-0 key states
+  int64_t batch = 0, kv_heads = 0, length = 0, head_dim = 0;
+  const float* probs = nullptr;  // [B, L] predictor probabilities, or null for the similarity rule
+};
+
+// Chunk offsets of every sequence (0 = o_0 < ... < o_nC = L, lengths in [min_chunk, max_chunk]
+// wherever L allows): the similarity rule on the keys, or the predictor's probabilities
+// thresholded; then the chunk limits (dhsa_export.algo.boundaries.enforce_chunk_limits).
+std::vector<std::vector<int64_t>> chunk_offsets(const ChunkOffsetsAttrs& attrs, const ChunkOffsetsProblem& problem,
+                                                const Parallel& parallel);
 
 // Shared validation of key_chunk_offsets [B, W] (W >= 1): row b starts at 0, never decreases and
 // ends at k_len. `op` names the op in messages.

@@ -1,4 +1,4 @@
-// ONNX Runtime glue: the custom-op registration (RegisterCustomOps) and the two kernels.
+// ONNX Runtime glue: the custom-op registration (RegisterCustomOps) and the three kernels.
 //
 // Built against the ONNX Runtime C API headers only (no link to libonnxruntime): every API call
 // goes through the OrtApi table obtained from the OrtApiBase that ONNX Runtime passes in.
@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <string>
 #include <vector>
@@ -266,6 +267,41 @@ struct RouteKernel {
   }
 };
 
+struct ChunkOffsetsKernel {
+  const OrtApi* api;
+  ChunkOffsetsAttrs attrs;
+  DType dtype;
+  const KernelTable* kernels;  // unused: the rules are scalar code
+
+  void compute(OrtKernelContext* context) const {
+    const OpSpec& op = chunk_offsets_spec();
+    const Tensor key = get_input(api, context, 0, op), probs = get_input(api, context, 1, op);
+    ChunkOffsetsProblem p;
+    p.batch = key.shape[0];
+    p.kv_heads = key.shape[1];
+    p.length = key.shape[2];
+    p.head_dim = key.shape[3];
+    require_positive(op, "key heads", p.kv_heads, key, "key");
+    require_positive(op, "head dim", p.head_dim, key, "key");
+    if (p.length > static_cast<int64_t>(std::numeric_limits<int32_t>::max()))
+      throw Error(cat(op.name, ": key length ", p.length, " does not fit the int32 offsets"));
+    if (probs.present && (probs.shape[0] != p.batch || probs.shape[1] != p.length))
+      throw Error(cat(op.name, ": boundary_probs ", shape_string(probs.shape), " must be [batch, key length] = ",
+                      shape_string(std::vector<int64_t>{p.batch, p.length}), " for key ", shape_string(key.shape)));
+    std::vector<float> key_store, probs_store;
+    if (!probs.present) p.key = as_float(key, dtype, key_store);  // the predictor reads only the probabilities
+    if (probs.present) p.probs = as_float(probs, dtype, probs_store);
+    const std::vector<std::vector<int64_t>> rows = chunk_offsets(attrs, p, Parallel(api, context));
+    size_t width = 1;
+    for (const auto& row : rows) width = std::max(width, row.size());
+    auto* out = static_cast<int32_t*>(get_output(api, context, 0, {p.batch, static_cast<int64_t>(width)}, op));
+    for (int64_t b = 0; b < p.batch; ++b) {  // rows padded with L: empty trailing chunks
+      const auto& row = rows[b];
+      for (size_t c = 0; c < width; ++c) out[b * width + c] = static_cast<int32_t>(c < row.size() ? row[c] : p.length);
+    }
+  }
+};
+
 struct AttentionKernel {
   const OrtApi* api;
   AttentionAttrs attrs;
@@ -347,12 +383,22 @@ void ORT_API_CALL destroy(void* kernel) {
   delete static_cast<Kernel*>(kernel);
 }
 
+// Reads a node's attributes with `read`, validates them and creates the kernel; any problem becomes
+// a status naming the op and the attribute.
+template <typename Kernel, typename Read>
+OrtStatus* create_kernel(const OrtCustomOp* custom_op, const OrtApi* api, void** kernel, Read&& read) {
+  *kernel = nullptr;
+  const Op& op = as_op(custom_op);
+  return guarded(api, op.spec->name, [&] {
+    const auto attrs = read(*op.spec);
+    attrs.validate();
+    *kernel = new Kernel{api, attrs, dtype_of(op.float_type), &kernels_from_env()};
+  });
+}
+
 OrtStatus* ORT_API_CALL create_route(const OrtCustomOp* custom_op, const OrtApi* api, const OrtKernelInfo* info,
                                       void** kernel) {
-  *kernel = nullptr;
-  return guarded(api, "Route", [&] {
-    const Op& op = as_op(custom_op);
-    const OpSpec& spec = *op.spec;
+  return create_kernel<RouteKernel>(custom_op, api, kernel, [&](const OpSpec& spec) {
     RouteAttrs a;
     a.q_block = read_int(api, info, spec, "q_block");
     a.k_block = read_int(api, info, spec, "k_block");
@@ -363,28 +409,44 @@ OrtStatus* ORT_API_CALL create_route(const OrtCustomOp* custom_op, const OrtApi*
     a.local_tokens = read_int(api, info, spec, "local_tokens");
     a.instruction_tokens = read_int(api, info, spec, "instruction_tokens");
     a.vslash_blockwise_above = read_int(api, info, spec, "vslash_blockwise_above");
-    a.validate();
-    *kernel = new RouteKernel{api, a, dtype_of(op.float_type), &kernels_from_env()};
+    a.chunk_score = read_string(api, info, spec, "chunk_score");
+    return a;
   });
 }
 
 OrtStatus* ORT_API_CALL create_attention(const OrtCustomOp* custom_op, const OrtApi* api, const OrtKernelInfo* info,
                                           void** kernel) {
-  *kernel = nullptr;
-  return guarded(api, "BlockSparseAttention", [&] {
-    const Op& op = as_op(custom_op);
-    const OpSpec& spec = *op.spec;
+  return create_kernel<AttentionKernel>(custom_op, api, kernel, [&](const OpSpec& spec) {
     AttentionAttrs a;
     a.q_block = read_int(api, info, spec, "q_block");
     a.k_block = read_int(api, info, spec, "k_block");
     a.scale = read_float(api, info, spec, "scale");
     a.causal = read_int(api, info, spec, "causal");
-    a.validate();
-    *kernel = new AttentionKernel{api, a, dtype_of(op.float_type), &kernels_from_env()};
+    return a;
   });
 }
 
-Op make_op(const OpSpec* spec, ONNXTensorElementDataType float_type, bool is_route) {
+OrtStatus* ORT_API_CALL create_chunk_offsets(const OrtCustomOp* custom_op, const OrtApi* api,
+                                              const OrtKernelInfo* info, void** kernel) {
+  return create_kernel<ChunkOffsetsKernel>(custom_op, api, kernel, [&](const OpSpec& spec) {
+    ChunkOffsetsAttrs a;
+    a.min_chunk = read_int(api, info, spec, "min_chunk");
+    a.max_chunk = read_int(api, info, spec, "max_chunk");
+    a.window = read_int(api, info, spec, "window");
+    a.threshold = read_float(api, info, spec, "threshold");
+    return a;
+  });
+}
+
+template <typename Kernel>
+void set_kernel(Op& op, OrtStatus*(ORT_API_CALL* create)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*,
+                                                            void**)) {
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute<Kernel>;
+  op.KernelDestroy = destroy<Kernel>;
+}
+
+Op make_op(const OpSpec* spec, ONNXTensorElementDataType float_type) {
   Op op;
   std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));
   op.version = kRequestedApi;
@@ -407,15 +469,12 @@ Op make_op(const OpSpec* spec, ONNXTensorElementDataType float_type, bool is_rou
   op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.GetStartVersion = [](const OrtCustomOp*) { return kOpsetVersion; };
   op.GetEndVersion = [](const OrtCustomOp*) { return kOpsetVersion; };
-  if (is_route) {
-    op.CreateKernelV2 = create_route;
-    op.KernelComputeV2 = compute<RouteKernel>;
-    op.KernelDestroy = destroy<RouteKernel>;
-  } else {
-    op.CreateKernelV2 = create_attention;
-    op.KernelComputeV2 = compute<AttentionKernel>;
-    op.KernelDestroy = destroy<AttentionKernel>;
-  }
+  if (spec == &route_spec())
+    set_kernel<RouteKernel>(op, create_route);
+  else if (spec == &attention_spec())
+    set_kernel<AttentionKernel>(op, create_attention);
+  else
+    set_kernel<ChunkOffsetsKernel>(op, create_chunk_offsets);
   return op;
 }
 
@@ -426,8 +485,7 @@ const std::vector<Op>& custom_ops() {
     std::vector<Op> out;
     for (ONNXTensorElementDataType type : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                                            ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16}) {
-      out.push_back(make_op(&route_spec(), type, true));
-      out.push_back(make_op(&attention_spec(), type, false));
+      for (const OpSpec* spec : all_specs()) out.push_back(make_op(spec, type));
     }
     return out;
   }();

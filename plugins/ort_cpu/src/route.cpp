@@ -161,8 +161,8 @@ struct Task {
   int64_t b, r, head_group, kv;
 };
 
-// block_scores for routing head r: [nQ, nC] = mean(q block) . rep(k chunk) / sqrt(D).
-std::vector<float> block_scores(const Task& t, bool length_normalized) {
+// group_mean(segment_means(q)) for routing head r: [nQ, D], the heads summed in order, / group.
+std::vector<float> routed_query_means(const Task& t) {
   const Grid& g = t.grid;
   const RouteProblem& p = t.p;
   const int64_t D = p.head_dim;
@@ -176,6 +176,15 @@ std::vector<float> block_scores(const Task& t, bool length_normalized) {
     const float n = static_cast<float>(t.head_group);
     for (float& v : q_routed) v /= n;
   }
+  return q_routed;
+}
+
+// block_scores for routing head r: [nQ, nC] = mean(q block) . rep(k chunk) / sqrt(D).
+std::vector<float> block_scores(const Task& t, bool length_normalized) {
+  const Grid& g = t.grid;
+  const RouteProblem& p = t.p;
+  const int64_t D = p.head_dim;
+  const std::vector<float> q_routed = routed_query_means(t);
   std::vector<float> k_rep(static_cast<size_t>(g.nc * D));
   segment_means(p.key + ((t.b * p.kv_heads + t.kv) * p.k_len) * D, D, g.co, k_rep.data());
   if (length_normalized) {
@@ -189,6 +198,45 @@ std::vector<float> block_scores(const Task& t, bool length_normalized) {
   t.kernels.dot_rows(q_routed.data(), D, g.nq, k_rep.data(), D, g.nc, D, score.data(), g.nc, key_t.data());
   const float root = static_cast<float>(std::sqrt(static_cast<double>(D)));
   for (float& v : score) v /= root;
+  return score;
+}
+
+// chunk_mass_scores for routing head r: [nQ, nC] =
+// log mean_{j in chunk c} exp(mean(q block i) . k_j / sqrt(D)), as torch computes it: the token
+// logits divided by sqrt(D), a logsumexp per chunk (max, then log of the summed exp(x - max), plus the
+// max; an infinite max counts as 0) minus log(max(1, length)). Empty chunks score -inf.
+// Logits are computed for a tile of query blocks at a time (about 2^22 floats of scratch).
+std::vector<float> mass_scores(const Task& t) {
+  const Grid& g = t.grid;
+  const RouteProblem& p = t.p;
+  const int64_t D = p.head_dim, Lk = p.k_len, nq = g.nq, nc = g.nc;
+  const std::vector<float> q_routed = routed_query_means(t);
+  std::vector<float> score(static_cast<size_t>(nq * nc), -std::numeric_limits<float>::infinity());
+  if (Lk == 0 || nq == 0) return score;
+  std::vector<float> log_len(static_cast<size_t>(nc));
+  for (int64_t c = 0; c < nc; ++c) log_len[c] = std::log(static_cast<float>(std::max<int64_t>(1, g.end(c) - g.start(c))));
+  const float root = static_cast<float>(std::sqrt(static_cast<double>(D)));
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(nq, (int64_t{1} << 22) / Lk));
+  std::vector<float> logits(static_cast<size_t>(rows * Lk)), key_t(static_cast<size_t>(D * kMaxKeyTile));
+  const float* keys = p.key + ((t.b * p.kv_heads + t.kv) * Lk) * D;
+  for (int64_t i0 = 0; i0 < nq; i0 += rows) {
+    const int64_t n = std::min(rows, nq - i0);
+    t.kernels.dot_rows(q_routed.data() + i0 * D, D, n, keys, D, Lk, D, logits.data(), Lk, key_t.data());
+    for (int64_t i = 0; i < n; ++i) {
+      float* x = logits.data() + i * Lk;
+      for (int64_t j = 0; j < Lk; ++j) x[j] /= root;
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t s = g.start(c), e = g.end(c);
+        if (e <= s) continue;  // empty chunk: -inf
+        float peak = x[s];
+        for (int64_t j = s + 1; j < e; ++j) peak = std::max(peak, x[j]);
+        if (std::isinf(peak)) peak = 0.f;
+        double total = 0.0;
+        for (int64_t j = s; j < e; ++j) total += static_cast<double>(std::exp(x[j] - peak));  // float exp, as torch
+        score[(i0 + i) * nc + c] = (std::log(static_cast<float>(total)) + peak) - log_len[c];
+      }
+    }
+  }
   return score;
 }
 
@@ -352,7 +400,7 @@ void route_one(const Task& t, int32_t* index, int32_t* count) {
     rank = vslash_blockwise_rank(t);
     dense = vslash_dense_rows(t);
   } else {  // dynamic
-    rank = block_scores(t, true);
+    rank = a.chunk_score == "mass" ? mass_scores(t) : block_scores(t, true);
     sink_local = true;
     weights.resize(static_cast<size_t>(nc));
     for (int64_t c = 0; c < nc; ++c) weights[c] = g.end(c) - g.start(c);
@@ -392,6 +440,8 @@ void RouteAttrs::validate() const {
   if (sink_tokens < 0) throw Error(cat(op, ": attribute sink_tokens = ", sink_tokens, " must be >= 0"));
   if (local_tokens < 0) throw Error(cat(op, ": attribute local_tokens = ", local_tokens, " must be >= 0"));
   if (instruction_tokens < 0) throw Error(cat(op, ": attribute instruction_tokens = ", instruction_tokens, " must be >= 0"));
+  if (chunk_score != "mass" && chunk_score != "mean")
+    throw Error(cat(op, ": attribute chunk_score = '", chunk_score, "' is unknown; use mass or mean"));
   if (vslash_blockwise_above < 0)
     throw Error(cat(op, ": attribute vslash_blockwise_above = ", vslash_blockwise_above, " must be >= 0"));
 }

@@ -102,9 +102,14 @@ def onnx_path(folder, model, name="dense.onnx"):
     return path
 
 
-def test_dynamic_pattern_is_refused(tmp_path):
-    with pytest.raises(DHSAError, match="dynamic"):
-        rewrite_model(attention_model(causal=True), tmp_path / "out.onnx", DHSAConfig(pattern="dynamic"))
+def test_boundary_predictor_problems_are_refused_before_any_work(tmp_path):
+    with pytest.raises(DHSAError, match="used by --pattern dynamic only"):
+        rewrite_model(attention_model(causal=True), tmp_path / "out.onnx",
+                      DHSAConfig(boundary_predictor=str(tmp_path / "p.safetensors")))
+    with pytest.raises(DHSAError, match="does not exist"):
+        rewrite_model(attention_model(causal=True), tmp_path / "out.onnx",
+                      DHSAConfig(pattern="dynamic", boundary_predictor=str(tmp_path / "p.safetensors")))
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def invoke(*args):

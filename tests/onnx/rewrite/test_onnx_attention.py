@@ -5,6 +5,8 @@ from __future__ import annotations
 import onnx
 import pytest
 
+from dhsa_export import DHSAConfig
+
 from .conftest import check_torch_form, export_dense
 
 
@@ -58,3 +60,31 @@ def test_3d_causal_attention_without_mask(tmp_path):
     assert max_error(got, want.numpy()) < 1e-5 and max_error(got, dense) > 1e-3
     full = rewrite_model(tmp_path / "dense.onnx", tmp_path / "full.onnx", cfg.replace(density=1.0))
     assert max_error(run_ort(full.output, None, feeds)["y"], dense) < 1e-5
+
+
+@pytest.mark.parametrize("rule", ["similarity", "predictor"])
+def test_dynamic_rewrite_matches_pytorch_dhsa(sdpa_export, tiny_dir, tmp_path, input_ids, rule):
+    """``--pattern dynamic``: one ChunkOffsets node on layer 0's keys feeds both layers' pairs, and the
+    logits equal the PyTorch DHSA integration's (chunks from layer 0's keys, shared by all layers)."""
+    import torch
+
+    from dhsa_export.hf.attention import enable_dhsa
+    from dhsa_export.onnx.rewrite import rewrite_model
+    from tests.onnx.test_export import DYNAMIC, tiny_predictor
+
+    from .conftest import dhsa_node_counts, load_tiny, max_error, run_ort
+
+    predictor = str(tiny_predictor(tmp_path / "p.safetensors", 32)) if rule == "predictor" else ""
+    cfg = DHSAConfig(**DYNAMIC, boundary_predictor=predictor)
+    report = rewrite_model(sdpa_export, tmp_path / "dhsa.onnx", cfg)
+    assert report.total == 2 and report.chunked_layers == 2
+    assert dhsa_node_counts(tmp_path / "dhsa.onnx") == {"Route": 2, "BlockSparseAttention": 2, "ChunkOffsets": 1}
+    graph = onnx.load(str(tmp_path / "dhsa.onnx")).graph
+    (chunks,) = [n for n in graph.node if n.op_type == "ChunkOffsets"]
+    assert len(chunks.input) == (2 if predictor else 1)
+    model = load_tiny(tiny_dir)
+    runtime = enable_dhsa(model, cfg, backend="reference")
+    with torch.no_grad():
+        want = model(torch.from_numpy(input_ids)).logits.numpy()
+    assert runtime.stats.causal_block_fraction < 1.0
+    assert max_error(run_ort(tmp_path / "dhsa.onnx", input_ids)["logits"], want) < 1e-4
