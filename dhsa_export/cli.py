@@ -192,7 +192,7 @@ def niah(model_spec, layers, attention, pattern, density, q_block, k_block, head
     lengths = parse_int_list(context_lengths, "context lengths")
     depth_list = parse_depths(depths)
     quiet_transformers()
-    from .eval.niah import PAPER_NEEDLE, NeedleTask, magic_number_task, run_niah
+    from .eval import PAPER_NEEDLE, NeedleTask, magic_number_task, run_niah
 
     if needle or question:
         if not (needle and question):

@@ -32,7 +32,7 @@ import torch
 
 from dhsa_export import DHSAConfig
 from dhsa_export.eval.haystack import build_prompt, load_haystack_text, score_response
-from dhsa_export.eval.niah import PAPER_NEEDLE, magic_number_task
+from dhsa_export.eval import PAPER_NEEDLE, magic_number_task
 from dhsa_export.hf.generate import encode, generate, set_attention
 from dhsa_export.hf.models import load_model
 

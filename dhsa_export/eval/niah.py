@@ -23,19 +23,8 @@ from ..config import DHSAConfig
 from ..errors import DHSAError
 from ..hf.generate import ATTENTION_MODES, check_fits, generate, set_attention
 from ..hf.models import LoadedModel
-from .haystack import (
-    PAPER_NEEDLE,
-    NeedleTask,
-    build_prompt,
-    default_haystack_text,
-    load_haystack_text,
-    magic_number_task,
-    score_response,
-)
+from .haystack import NeedleTask, build_prompt, default_haystack_text, load_haystack_text, score_response
 from .plot import plot_niah_heatmap
-
-# The task objects are re-exported: callers (the CLI) import them from here with run_niah.
-__all__ = ["PAPER_NEEDLE", "NeedleTask", "magic_number_task", "run_niah"]
 
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "heatmap.png"

@@ -209,10 +209,3 @@ def test_heatmap_of_partial_results(tmp_path):
     }
     path = plot_niah_heatmap(results, tmp_path / "sub" / "map.png")
     assert path.is_file() and path.stat().st_size > 1000
-
-
-def test_niah_module_exports_what_the_cli_imports():
-    from dhsa_export.eval import niah
-
-    assert niah.PAPER_NEEDLE is PAPER_NEEDLE and niah.NeedleTask is NeedleTask
-    assert niah.magic_number_task is magic_number_task and niah.run_niah is run_niah
