@@ -76,7 +76,8 @@ def supports(q: torch.Tensor, grid: BlockGrid, pattern: str) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # scalar sizes are not specialized (no recompilation per shape; they are not alignment-critical)
+    @triton.jit(do_not_specialize=["n_rows", "width", "query_length", "q_offset", "q_block", "k_block"])
     def _line_sums(P, V_OUT, S_OUT, n_rows, width, query_length, q_offset, q_block, k_block,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """vertical[c] = sum_i P[i, c]; slash[o] = sum_i P[i, pos(i) - o] (columns >= 0 only), where
@@ -102,7 +103,9 @@ if triton is not None:
         tl.store(V_OUT + head * width + cols, v, mask=valid)
         tl.store(S_OUT + head * width + cols, s, mask=valid)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_q_blocks", "num_chunks", "line_length", "query_length", "q_offset",
+                                   "q_block", "k_block", "key_length", "sink_limit", "local_tokens", "budget",
+                                   "dense_first", "dense_last"])
     def _select_rows(A, B, F, MASK_OUT, INDEX_OUT, COUNT_OUT,
                      num_q_blocks, num_chunks, line_length, query_length, q_offset, q_block, k_block,
                      key_length, sink_limit, local_tokens, budget, dense_first, dense_last,
