@@ -403,5 +403,21 @@ def route(
     else:
         grid = BlockGrid.build(q.shape[1], chunk_offsets.to(q.device), cfg.q_block)
     head_group = routing_heads(q.shape[0], k.shape[0], cfg)
+    fused = _fused_route(q, k, cfg, grid, head_group, pattern)
+    if fused is not None:
+        return fused
     mask = PATTERN_FUNCTIONS[pattern](q, k, cfg, grid, head_group)
     return Selection(grid, mask, head_group)
+
+
+def _fused_route(q, k, cfg: DHSAConfig, grid: BlockGrid, head_group: int, pattern: str) -> Selection | None:
+    """On CUDA, the torch-cuda backend's fused Triton routing (fixed-block patterns: the steps
+    after the scores in two kernels, with the kernel's block indices precomputed); None where it
+    does not apply (CPU, ``dynamic``, no Triton, ``DHSA_ROUTING_FUSED=0``): the code above runs."""
+    if not q.is_cuda or pattern == "dynamic":
+        return None
+    try:
+        from ..backends.torch_cuda import routing_fused
+    except ImportError:
+        return None
+    return routing_fused.try_route(q, k, cfg, grid, head_group, pattern)

@@ -9,7 +9,10 @@ For every (length, pattern) it times, with CUDA events (median of ``--repeats`` 
 - ``route_index_ms``: route + conversion to the kernel's ``block_index`` / ``block_count``
   (:func:`dhsa_export.backends.torch_cuda.selections_to_indices`, what ``bench_attention`` calls
   ``routing_ms``);
-- ``route_torch_ms``: route with the Triton kernels off (``DHSA_ROUTING_TRITON=0``);
+- ``route_torch_ms``: route with the Triton probability kernels off (``DHSA_ROUTING_TRITON=0``);
+- ``route_unfused_ms`` / ``route_unfused_index_ms`` / ``unfused_route_graph_*``: the same with the
+  fused routing kernels off (``DHSA_ROUTING_FUSED=0``, :mod:`routing_fused`; the v7 code path), and
+  ``fused_vs_unfused_mask_diff``;
 - ``route_graph_ms`` / ``route_graph_index_ms``: the same two replayed from a CUDA graph
   (:mod:`dhsa_export.backends.torch_cuda.routing_graph`, token limit lifted so 128K is timed too),
   ``graph_mask_diff`` (mask entries differing from eager route: 0 expected, same kernels) and
@@ -40,7 +43,7 @@ from compare_routing import load_baseline  # noqa: E402
 from dhsa_export import DHSAConfig  # noqa: E402
 from dhsa_export.algo import route  # noqa: E402
 from dhsa_export.algo.boundaries import make_chunker  # noqa: E402
-from dhsa_export.backends.torch_cuda import routing_graph, routing_triton, selections_to_indices  # noqa: E402
+from dhsa_export.backends.torch_cuda import routing_fused, routing_graph, routing_triton, selections_to_indices  # noqa: E402
 from dhsa_export.bench.attention import warm_gpu  # noqa: E402
 from dhsa_export.bench.timing import median_ms  # noqa: E402
 
@@ -82,6 +85,16 @@ def measure(length: int, pattern: str, baseline, repeats: int) -> dict:
     finally:
         os.environ.pop(routing_triton.ENV_SWITCH, None)
     row["triton_vs_torch_mask_diff"] = int((torch_mask != new.mask).sum())
+    os.environ[routing_fused.ENV_SWITCH] = "0"  # before: the torch steps after the scores (v7)
+    try:
+        row["route_unfused_ms"] = timed(lambda: route(q, k, cfg, offsets), repeats)
+        row["route_unfused_index_ms"] = timed(with_index, repeats)
+        unfused = route(q, k, cfg, offsets)
+        if cfg.effective_pattern(length) in routing_graph.GRAPH_PATTERNS:
+            row.update({f"unfused_{key}": v for key, v in measure_graph(q, k, cfg, unfused, repeats).items()})
+    finally:
+        os.environ.pop(routing_fused.ENV_SWITCH, None)
+    row["fused_vs_unfused_mask_diff"] = int((unfused.mask != new.mask).sum())
     if cfg.effective_pattern(length) in routing_graph.GRAPH_PATTERNS:
         row.update(measure_graph(q, k, cfg, new, repeats))
     if baseline is not None:
@@ -155,12 +168,16 @@ def main(argv=None) -> int:
         profiles[item] = profile_once(int(length), pattern)
         print(f"== profile {item}\n{profiles[item]}", flush=True)
     nan = float("nan")
-    print("| tokens | pattern | baseline_ms | route_ms | route_torch_ms | route_index_ms | mask_diff | "
-          "route_graph_ms | route_graph_index_ms | graph_mask_diff | graph_mb |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | pattern | baseline_ms | unfused route+index (graph) | route_ms | route_torch_ms | "
+          "route_index_ms | mask_diff | fused_vs_unfused_mask_diff | route_graph_ms | route_graph_index_ms | "
+          "graph_mask_diff | graph_mb |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['pattern']} | {r.get('baseline_ms', nan):.2f} | {r['route_ms']:.2f} | "
+        print(f"| {r['tokens']} | {r['pattern']} | {r.get('baseline_ms', nan):.2f} | "
+              f"{r['route_unfused_index_ms']:.2f} ({r.get('unfused_route_graph_index_ms', nan):.2f}) | "
+              f"{r['route_ms']:.2f} | "
               f"{r['route_torch_ms']:.2f} | {r['route_index_ms']:.2f} | {r.get('mask_diff', '-')} | "
+              f"{r['fused_vs_unfused_mask_diff']} | "
               f"{r.get('route_graph_ms', nan):.2f} | {r.get('route_graph_index_ms', nan):.2f} | "
               f"{r.get('graph_mask_diff', '-')} | {r.get('graph_mb', '-')} |")
     if args.json:

@@ -18,6 +18,7 @@
 # DHSA_KERNEL_LIBRARY (a prebuilt libdhsa_kernels.so; else it is built into DHSA_CACHE_DIR,
 # default ./.kcache: carry it to reuse a local build). Routing CUDA graphs (torch-cuda backend):
 # DHSA_ROUTING_GRAPH=0 turns them off, DHSA_ROUTING_GRAPH_MAX_TOKENS / _CACHE / _MAX_MB bound them.
+# DHSA_ROUTING_FUSED=0 turns off the fused Triton routing (routing_fused.py; the torch steps run).
 set -uo pipefail
 OUT="${OUT:-out/gpu}"
 STEPS=",${STEPS:-tests,routing,attention,prefill,topk},"

@@ -46,7 +46,7 @@ import torch
 from ...algo.layout import BlockGrid, Selection
 from ...algo.routing import fixed_grid, route, routing_heads
 from ...config import DHSAConfig
-from . import routing_triton
+from . import routing_fused, routing_triton
 
 ENV_SWITCH = "DHSA_ROUTING_GRAPH"  # "0": always eager
 ENV_MAX_TOKENS = "DHSA_ROUTING_GRAPH_MAX_TOKENS"
@@ -210,7 +210,7 @@ class RoutingGraphCache:
         if q.device.type == "cuda" and _capturing_or_compiling():
             return None
         return (q.device, q.dtype, tuple(q.shape), q.stride(), k.dtype, tuple(k.shape), k.stride(), cfg,
-                routing_triton.enabled())
+                routing_triton.enabled(), routing_fused.enabled())
 
     def _admit(self, key) -> bool:
         if key in self._refused:

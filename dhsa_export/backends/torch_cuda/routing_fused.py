@@ -1,0 +1,282 @@
+"""Fused fixed-block routing on CUDA: the steps after the scores in two Triton kernels.
+
+:func:`dhsa_export.algo.routing.route` for ``topk``, ``ashape``, ``vslash`` and ``vslash_blockwise``
+is ~110 small torch ops (``vslash``), most of them elementwise passes, gathers, a stable segmented
+argsort and scatters over ``[Hr, nQ, nC]`` tensors, then the conversion to the kernel's block
+indices. Here (CUDA + Triton only; the CPU path and the reference are untouched):
+
+1. ``_line_sums`` (``vslash``, ``vslash_blockwise``): vertical (column) and slash (diagonal) sums of
+   the probabilities in one read, per (routing head, tile of columns / offsets). Replaces
+   ``probs.sum(1)`` and ``sum_along_diagonals_of_last_rows`` (flip + pad + strided sum) or
+   ``sum_along_diagonals`` (multiply + gather + multiply + sum).
+2. ``_select_rows``: one program per (routing head, query block) computes the row's ranking score
+   (the line scatter to blocks from the prefix sums of the kept lines, ``line_rank`` with the
+   fallback, or the raw block score), the geometry (causal, sink, diagonal / local window, dense
+   rows), the budget selection (forced blocks first, then the ``budget - forced`` best candidates,
+   ties in chunk order: the rank of the budget's last block is found by a 32-step bisection on the
+   order-preserving integer image of the fp32 scores, equal scores are taken in chunk order by a
+   prefix count) and writes the mask, the kernel's ``block_index`` (ascending, padded with -1,
+   width ``nC``) and ``block_count``.
+
+What stays in torch: block means and the block-score GEMM, the last-queries probabilities
+(:mod:`.routing_triton`), the block softmax of ``vslash_blockwise``, the top lines (``topk``) and
+their two prefix sums: the same ops as the torch path.
+
+Agreement with the torch path: ``_select_rows`` performs the same fp32 operations on the same
+inputs as ``scatter_lines_to_blocks`` / ``line_rank`` / ``select_under_budget`` /
+``to_block_index`` (same prefix-sum differences, same ``1 + line``, same clamp; the selection rule
+with stable ties is exact), so for ``topk`` / ``ashape`` the selection is bit-identical, and for the
+``vslash`` patterns it is bit-identical given the same line sums. The line sums of ``_line_sums``
+add the same fp32 numbers in another order than torch's reductions (rows in groups of 16, then a
+tree), so a line whose mass ties another's to the last bits can be ranked differently (the torch
+``topk`` itself picks arbitrarily among exactly equal lines). Tested on the GPU
+(``tests/backends/test_routing_fused.py``): line sums within 1e-5 relative, selections equal except
+on a small share of near-tie entries, attention output within the GPU tolerance.
+
+Switch: ``DHSA_ROUTING_FUSED=0`` runs the torch path. A kernel failure is warned once and routing
+carries on in torch. Rows longer than :data:`MAX_CHUNKS` blocks (8192: 256K keys at ``k_block`` 32)
+take the torch path (one program holds a whole row).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+from ...algo.layout import BlockGrid, Selection
+
+try:  # Triton is optional: without it routing stays in torch
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - ImportError, or a broken install
+    triton = None
+    tl = None
+
+ENV_SWITCH = "DHSA_ROUTING_FUSED"  # "0": the torch path (A/B timing, debugging)
+PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise")
+MAX_CHUNKS = 8192
+USE_LINE_KERNEL = True  # tests set False to check the selection kernel bit for bit against torch
+_FAILED: list[str] = []
+
+MODE_VSLASH, MODE_BLOCKWISE, MODE_SCORE = 0, 1, 2
+
+
+def enabled() -> bool:
+    return triton is not None and os.environ.get(ENV_SWITCH, "1") != "0" and not _FAILED
+
+
+def supports(q: torch.Tensor, grid: BlockGrid, pattern: str) -> bool:
+    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (enabled() and on_device and pattern in PATTERNS and grid.chunk_block is not None
+            and 1 <= grid.num_chunks <= MAX_CHUNKS and grid.num_q_blocks >= 1)
+
+
+if triton is not None:
+
+    # scalar sizes are not specialized (no recompilation per shape; they are not alignment-critical)
+    @triton.jit(do_not_specialize=["n_rows", "width", "query_length", "q_offset", "q_block", "k_block"])
+    def _line_sums(P, V_OUT, S_OUT, n_rows, width, query_length, q_offset, q_block, k_block,
+                   MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """vertical[c] = sum_i P[i, c]; slash[o] = sum_i P[i, pos(i) - o] (columns >= 0 only), where
+        pos(i) = width - n_rows + i (MODE 0: rows are the last key positions) or the block
+        diagonal (q_last(i) // k_block) of query block i (MODE 1)."""
+        head = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = cols < width
+        base = P + head * n_rows * width
+        v = tl.zeros([BLOCK], tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        for first in range(0, n_rows, ROWS):
+            rows = first + tl.arange(0, ROWS)
+            row_ok = rows < n_rows
+            ptr = base + rows[:, None].to(tl.int64) * width
+            v += tl.sum(tl.load(ptr + cols[None, :], mask=row_ok[:, None] & valid[None, :], other=0.0), 0)
+            if MODE == 0:
+                pos = width - n_rows + rows
+            else:
+                pos = (tl.minimum((rows + 1) * q_block, query_length) - 1 + q_offset) // k_block
+            col = pos[:, None] - cols[None, :]
+            s += tl.sum(tl.load(ptr + col, mask=row_ok[:, None] & valid[None, :] & (col >= 0), other=0.0), 0)
+        tl.store(V_OUT + head * width + cols, v, mask=valid)
+        tl.store(S_OUT + head * width + cols, s, mask=valid)
+
+    @triton.jit(do_not_specialize=["num_q_blocks", "num_chunks", "line_length", "query_length", "q_offset",
+                                   "q_block", "k_block", "key_length", "sink_limit", "local_tokens", "budget",
+                                   "dense_first", "dense_last"])
+    def _select_rows(A, B, F, MASK_OUT, INDEX_OUT, COUNT_OUT,
+                     num_q_blocks, num_chunks, line_length, query_length, q_offset, q_block, k_block,
+                     key_length, sink_limit, local_tokens, budget, dense_first, dense_last,
+                     MODE: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One (routing head, query block) row: rank, forced/causal/dense geometry, budget selection
+        with stable ties, mask + block_index + block_count."""
+        row = tl.program_id(0).to(tl.int64)
+        head = row // num_q_blocks
+        i = (row % num_q_blocks).to(tl.int32)
+        c = tl.arange(0, BLOCK_C)
+        in_range = c < num_chunks
+        start = c * k_block
+        end = tl.minimum(start + k_block, key_length)
+        q_first = i * q_block + q_offset
+        q_last = tl.minimum((i + 1) * q_block, query_length) - 1 + q_offset
+        causal = in_range & (start <= q_last)
+        forced_first = tl.maximum(q_first - local_tokens, 0)
+        forced = causal & ((start < sink_limit) | ((end > forced_first) & (start <= q_last)))
+
+        fallback = tl.load(F + row * num_chunks + c, mask=in_range, other=0.0)
+        if MODE == 0:  # scatter_lines_to_blocks from the prefix sums (cumsum; prefix[0] = 0)
+            line_base = head * line_length
+            v_hi = tl.load(A + line_base + end - 1, mask=in_range & (end > 0), other=0.0)
+            v_lo = tl.load(A + line_base + start - 1, mask=in_range & (start > 0), other=0.0)
+            max_offset = line_length - 1
+            o_min = tl.minimum(tl.maximum(q_first - (end - 1), 0), max_offset + 1)
+            o_max = tl.minimum(tl.maximum(q_last - start, -1), max_offset)
+            upper = tl.maximum(o_max + 1, 0)
+            lower = tl.minimum(o_min, max_offset + 1)
+            s_hi = tl.load(B + line_base + upper - 1, mask=in_range & (upper > 0), other=0.0)
+            s_lo = tl.load(B + line_base + lower - 1, mask=in_range & (lower > 0), other=0.0)
+            lines = (v_hi - v_lo) + tl.where(o_max < o_min, 0.0, s_hi - s_lo)
+            rank = tl.where(lines > 0, 1.0 + lines, tl.minimum(tl.maximum(fallback, 0.0), 0.999))
+        elif MODE == 1:  # vertical per chunk + slash per block diagonal
+            diag = q_last // k_block
+            v = tl.load(A + head * num_chunks + c, mask=in_range, other=0.0)
+            s = tl.load(B + head * num_chunks + tl.maximum(diag - c, 0), mask=in_range, other=0.0)
+            lines = v + tl.where(causal, s, 0.0)
+            rank = tl.where(lines > 0, 1.0 + lines, tl.minimum(tl.maximum(fallback, 0.0), 0.999))
+        else:
+            rank = fallback
+
+        candidate = causal & ~forced
+        n_forced = tl.sum(forced.to(tl.int32), 0)
+        n_candidates = tl.sum(candidate.to(tl.int32), 0)
+        take_total = tl.minimum(tl.maximum(budget - n_forced, 0), n_candidates)
+        # order-preserving integer image of the fp32 rank (-0.0 folded onto +0.0), in [0, 2^32)
+        bits = (rank + 0.0).to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+        key = tl.where(candidate, key, -1)
+        # largest threshold t with #(key >= t) >= take_total: the rank of the last block taken
+        threshold = tl.zeros([], tl.int64)
+        step = tl.full([], 2147483648, tl.int64)
+        for _ in range(32):
+            trial = threshold + step
+            count = tl.sum((key >= trial).to(tl.int32), 0)
+            threshold = tl.where(count >= take_total, trial, threshold)
+            step = step // 2
+        above = key > threshold
+        equal = candidate & (key == threshold)
+        equal_order = tl.cumsum(equal.to(tl.int32), 0)
+        take_equal = take_total - tl.sum(above.to(tl.int32), 0)
+        chosen = candidate & (above | (equal & (equal_order <= take_equal)))
+        selected = forced | chosen
+        dense = (i < dense_first) | ((i == num_q_blocks - 1) & (dense_last != 0))
+        selected = tl.where(dense, causal, selected)
+
+        out = row * num_chunks
+        tl.store(MASK_OUT + out + c, selected.to(tl.int8), mask=in_range)
+        selected_count = tl.sum(selected.to(tl.int32), 0)
+        slot = tl.cumsum(selected.to(tl.int32), 0) - 1
+        tl.store(INDEX_OUT + out + slot, c, mask=selected)
+        tl.store(INDEX_OUT + out + c, tl.full([BLOCK_C], -1, tl.int32), mask=in_range & (c >= selected_count))
+        tl.store(COUNT_OUT + row, selected_count)
+
+
+def line_sums(probs: torch.Tensor, grid: BlockGrid | None = None, blockwise: bool = False):
+    """``(vertical, slash)`` ``[Hr, W]`` fp32 of ``probs [Hr, n, W]`` (see ``_line_sums``)."""
+    probs = probs.contiguous()
+    heads, n_rows, width = probs.shape
+    vertical = torch.empty(heads, width, device=probs.device, dtype=torch.float32)
+    slash = torch.empty_like(vertical)
+    block = 128
+    if blockwise:
+        args = (grid.query_length, grid.q_offset, grid.q_block, grid.chunk_block)
+    else:
+        args = (1, 0, 1, 1)
+    _line_sums[(heads, triton.cdiv(width, block))](
+        probs, vertical, slash, n_rows, width, *args,
+        MODE=MODE_BLOCKWISE if blockwise else MODE_VSLASH, ROWS=16, BLOCK=block, num_warps=4)
+    return vertical, slash
+
+
+def select_rows(mode: int, a, b, fallback: torch.Tensor, grid: BlockGrid, budget: int, sink_tokens: int,
+                local_tokens: int = 0, dense_first: int = 0, dense_last: bool = False):
+    """``(mask [Hr, nQ, nC] bool, block_index int32 [Hr, nQ, nC], block_count int32 [Hr, nQ])``."""
+    heads, num_q, num_chunks = fallback.shape
+    fallback = fallback.float().contiguous()
+    a = fallback if a is None else a.contiguous()
+    b = fallback if b is None else b.contiguous()
+    device = fallback.device
+    mask = torch.empty(heads, num_q, num_chunks, device=device, dtype=torch.uint8)
+    index = torch.empty(heads, num_q, num_chunks, device=device, dtype=torch.int32)
+    count = torch.empty(heads, num_q, device=device, dtype=torch.int32)
+    block_c = max(32, triton.next_power_of_2(num_chunks))
+    warps = 4 if block_c <= 1024 else 8
+    _select_rows[(heads * num_q,)](
+        a, b, fallback, mask, index, count,
+        num_q, num_chunks, a.shape[-1], grid.query_length, grid.q_offset, grid.q_block, grid.chunk_block,
+        grid.key_length, max(1, sink_tokens), local_tokens, budget, dense_first, int(dense_last),
+        MODE=mode, BLOCK_C=block_c, num_warps=warps)
+    return mask.view(torch.bool), index, count
+
+
+def _route(q, k, cfg, grid: BlockGrid, head_group: int, pattern: str) -> Selection:
+    from ...algo import routing as R
+
+    key_length = k.shape[1]
+    budget = cfg.budget_blocks(key_length)
+    if pattern in ("topk", "ashape"):
+        score = R.block_scores(q, k, grid, head_group, length_normalized=False)
+        if pattern == "topk":
+            mask, index, count = select_rows(MODE_SCORE, None, None, score, grid, budget, cfg.k_block)
+        else:
+            mask, index, count = select_rows(MODE_SCORE, None, None, score, grid, budget, cfg.sink_tokens,
+                                             local_tokens=cfg.local_tokens)
+    elif pattern == "vslash":
+        n_last = min(cfg.q_block, q.shape[1])
+        probs = R.last_queries_probabilities(q, k, head_group, n_last)
+        if USE_LINE_KERNEL:
+            vertical, slash = line_sums(probs)
+        else:
+            vertical, slash = probs.sum(dim=1), R.sum_along_diagonals_of_last_rows(probs)
+        budget_tokens = cfg.budget_tokens(key_length)
+        n_vertical = budget_tokens // 2
+        vertical = R.keep_top_lines(vertical, n_vertical).cumsum(-1)
+        slash = R.keep_top_lines(slash, budget_tokens - n_vertical).cumsum(-1)
+        fallback = torch.sigmoid(R.block_scores(q, k, grid, head_group, length_normalized=False))
+        first_dense = math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)
+        mask, index, count = select_rows(MODE_VSLASH, vertical, slash, fallback, grid, budget, cfg.k_block,
+                                         dense_first=first_dense, dense_last=True)
+    else:  # vslash_blockwise
+        causal = grid.causal()
+        score = R.block_scores(q, k, grid, head_group, length_normalized=False)
+        probs = score.masked_fill(~causal[None], -math.inf).softmax(dim=-1)
+        if USE_LINE_KERNEL:
+            vertical, slash = line_sums(probs, grid, blockwise=True)
+        else:
+            diag = torch.searchsorted(grid.chunk_offsets[1:], grid.q_last_position(), right=True)
+            vertical, slash = probs.sum(dim=1), R.sum_along_diagonals(probs * causal[None], diag)
+        n_vertical = budget // 2
+        vertical = R.keep_top_lines(vertical, n_vertical)
+        slash = R.keep_top_lines(slash, budget - n_vertical)
+        first_dense = math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)
+        mask, index, count = select_rows(MODE_BLOCKWISE, vertical, slash, probs, grid, budget, cfg.k_block,
+                                         dense_first=first_dense, dense_last=True)
+    width = max(1, grid.num_chunks)
+    return Selection(grid, mask, head_group, {("block_index", width): (index, count)})
+
+
+def try_route(q, k, cfg, grid: BlockGrid, head_group: int, pattern: str) -> Selection | None:
+    """The fused routing's :class:`Selection` (mask + precomputed block indices), or None where it
+    does not apply or failed (then the torch path runs; a failure is warned once)."""
+    if not supports(q, grid, pattern):
+        return None
+    try:
+        return _route(q, k, cfg, grid, head_group, pattern)
+    except Exception as exc:  # noqa: BLE001 - fall back to torch, say so once
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise  # inside a graph capture: let the capture fail (the graph cache stays eager)
+        _FAILED.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"DHSA fused routing kernels failed ({_FAILED[0][:300]}); routing uses torch",
+                      RuntimeWarning, stacklevel=2)
+        return None
