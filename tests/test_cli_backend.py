@@ -47,13 +47,17 @@ def test_cpu_backends_give_the_reference_tokens(tiny_folder):
     assert generated(tiny_folder, "--attention", "dense") != reference
 
 
-def test_eval_niah_records_the_backend_that_ran(tiny_folder, tmp_path):
-    out = tmp_path / "niah"
-    result = run("eval", "niah", "--model", tiny_folder, "--backend", "torch-gather", "--context-lengths", "256",
-                 "--depths", "50", "--needle", "The code is 4321.", "--question", "What is the code?",
+def niah_results(folder: str, out, backend: str, lengths: str, depths: str) -> dict:
+    """``eval niah`` with a custom needle on ``folder``; its results.json."""
+    result = run("eval", "niah", "--model", folder, "--backend", backend, "--context-lengths", lengths,
+                 "--depths", depths, "--needle", "The code is 4321.", "--question", "What is the code?",
                  "--max-new-tokens", "4", "--out", str(out), *SPARSE)
     assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_eval_niah_records_the_backend_that_ran(tiny_folder, tmp_path):
+    results = niah_results(tiny_folder, tmp_path / "niah", "torch-gather", "256", "50")
     assert (results["backend"], results["device"], results["dtype"]) == ("torch-gather", "cpu", "float32")
     assert len(results["cells"]) == 1 and results["cells"][0]["causal_block_fraction"] < 1.0
 
@@ -78,13 +82,7 @@ def test_impossible_placement_is_one_line_before_loading(command, args, fragment
 
 @pytest.mark.gpu
 def test_torch_cuda_backend_runs_the_kernels_from_the_cli(tiny_folder, tmp_path):
-    text = generated(tiny_folder, "--backend", "torch-cuda")
-    assert text.strip() or text == "\n"  # it ran to the end; the tokens of random weights are arbitrary
-    out = tmp_path / "niah"
-    result = run("eval", "niah", "--model", tiny_folder, "--backend", "torch-cuda", "--context-lengths", "512",
-                 "--depths", "0,100", "--needle", "The code is 4321.", "--question", "What is the code?",
-                 "--max-new-tokens", "4", "--out", str(out), *SPARSE)
-    assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
+    generated(tiny_folder, "--backend", "torch-cuda")  # exit 0; random weights give arbitrary tokens
+    results = niah_results(tiny_folder, tmp_path / "niah", "torch-cuda", "512", "0,100")
     assert (results["backend"], results["device"], results["dtype"]) == ("torch-cuda", "cuda:0", "bfloat16")
     assert all(cell["causal_block_fraction"] < 1.0 for cell in results["cells"])
