@@ -27,14 +27,14 @@ def test_bad_pattern_and_budget():
     assert DHSAConfig(density=1.0).budget_blocks(70) == 3
 
 
-def test_chunk_score_is_validated_and_pinned_to_mean_for_the_onnx_route_op():
+def test_chunk_score_is_validated_and_round_trips_through_the_route_op():
     from dhsa_export.onnx.registry import config_from_route_attributes, route_attributes
 
     assert DHSAConfig().chunk_score == "mass" and DHSAConfig().max_chunk == DHSAConfig().k_block
     with pytest.raises(DHSAError, match="unknown chunk score 'max'"):
         DHSAConfig(chunk_score="max")
-    with pytest.raises(DHSAError, match="chunk_score='mean'"):
-        route_attributes(DHSAConfig(pattern="dynamic"), 8, 2)
-    attrs = route_attributes(DHSAConfig(pattern="dynamic", chunk_score="mean"), 8, 2)
-    assert config_from_route_attributes(attrs, 8, 2).chunk_score == "mean"
+    for score in ("mass", "mean"):  # the Route op takes both (native mass score since the dynamic export)
+        attrs = route_attributes(DHSAConfig(pattern="dynamic", chunk_score=score), 8, 2)
+        assert attrs["chunk_score"] == score
+        assert config_from_route_attributes(attrs, 8, 2).chunk_score == score
     assert route_attributes(DHSAConfig(), 8, 2)["pattern"] == "vslash"  # other patterns unaffected
