@@ -14,7 +14,7 @@ from typing import Callable
 import click
 
 from . import __version__
-from .config import ATTENTION_BACKENDS, CHUNK_SCORES, HEAD_ROUTING, PATTERNS, DHSAConfig
+from .config import ATTENTION_BACKENDS, CHUNK_SCORES, DEVICES, DTYPES, HEAD_ROUTING, PATTERNS, DHSAConfig
 from .errors import DHSAError
 
 EXIT_USER_ERROR = 2
@@ -83,9 +83,9 @@ def runtime_options(command: Callable) -> Callable:
         click.option("--backend", type=click.Choice(("auto",) + ATTENTION_BACKENDS), default="auto", show_default=True,
                      help="DHSA attention: auto (CUDA kernel on a GPU, torch-gather on the CPU), reference, "
                           "torch-gather, or torch-cuda (the CUDA kernels; implies --device cuda)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto: cuda with --backend torch-cuda, else cpu."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto",
                      show_default=True, help="auto: float32 on the CPU, bfloat16 on CUDA."),
     ]
     for option in reversed(options):

@@ -22,6 +22,9 @@ BOUNDARY_WINDOW = 4
 # Implementations of the sparse attention given a selection (dhsa_export.algo.attention): the
 # per-block reference, the gathered exact form (CPU default) and the CUDA kernels.
 ATTENTION_BACKENDS = ("reference", "torch-gather", "torch-cuda")
+# Where and in which precision the PyTorch model runs ("auto" resolved by hf.models.resolve_placement).
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import DEVICES, DTYPES
 from ..errors import DHSAError
 from .recipes import DEFAULT_MODEL, Recipe, load_recipe, recipe_names
 
@@ -49,10 +50,6 @@ def cache_root() -> Path:
         return Path(os.environ["DHSA_EXPORT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "dhsa-export"
-
-
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> tuple[str, str]:
