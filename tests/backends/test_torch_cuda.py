@@ -80,7 +80,7 @@ def run_kernel(q, k, v, selections, variable, q_block, k_block, variant=None, ca
 
 
 # library.VARIANTS of the Hopper kernels (compute capability 9.0 with an sm_90a build)
-WGMMA = {"wgmma": 5, "wgmma_serial": 6, "wgmma_overlap": 7, "wgmma_split": 8}
+WGMMA = {"wgmma": 5, "wgmma_serial": 6, "wgmma_overlap": 7, "wgmma_split": 8, "wgmma_cpasync": 9}
 ALL_VARIANTS = [1, 2, 3, 4, *WGMMA.values()]
 VARIANT_IDS = ["m64", "m128", "m128w4", "m256", *WGMMA]
 
@@ -351,7 +351,8 @@ def test_wgmma_edge_cases(variant, d):
     # one block; Lq not a multiple of the block with Lq < Lk; a single query; a short tail
     for lq, lk, q_block, k_block, p in ((20, 20, 128, 32, 1.0), (333, 400, 128, 32, 0.4),
                                         (1, 300, 64, 16, 0.5), (129, 129, 64, 64, 0.6),
-                                        (700, 700, 128, 32, 1.0)):  # last: every block selected
+                                        (700, 700, 128, 32, 1.0),  # every block selected
+                                        (300, 300, 64, 48, 0.5)):  # k_block not dividing 128
         q, k, v = make_qkv(1, 8, 2, lq, lk, d, torch.bfloat16, gen)
         sels = [random_selection(2, 4, lq, fixed_offsets(lk, k_block), q_block, p, gen)]
         check(run_kernel(q, k, v, sels, False, q_block, k_block, variant), reference(q, k, v, sels))
@@ -381,6 +382,21 @@ def test_wgmma_edge_cases(variant, d):
         cuda.raise_on_error_flag(ws)
     assert not torch.isnan(out).any()
     assert (out[0, 4:8, 128:] == 0).all()  # routing head 1 = query heads 4..7, query block 1
+
+
+@pytest.mark.parametrize("variant", list(WGMMA.values()), ids=list(WGMMA))
+def test_partial_last_block_reads_nothing_past_its_head(variant):
+    """Lk not a multiple of k_block: the last block's missing rows are zeros, not the next head's
+    or the next sequence's keys (the TMA producer copies whole k_block boxes). The second sequence
+    is all NaN; the first must still match the reference."""
+    skip_without_wgmma(variant)
+    gen = torch.Generator().manual_seed(41 + variant)
+    q, k, v = make_qkv(2, 8, 2, 301, 301, 128, torch.bfloat16, gen)
+    for t in (k, v):
+        t[1] = float("nan")
+    sels = [random_selection(2, 4, 301, fixed_offsets(301, 32), 128, 0.5, gen) for _ in range(2)]
+    out = run_kernel(q, k, v, sels, False, 128, 32, variant)
+    check(out[:1], reference(q[:1], k[:1], v[:1], sels[:1]))
 
 
 def test_auto_variant_matches_mma_sync():

@@ -22,7 +22,7 @@ DTYPE_BF16 = 1
 # "wgmma*": Hopper warpgroup-MMA kernels (compute capability 9.0 with an sm_90a build; "auto" picks
 # "wgmma" there); the others are mma.sync kernels for every target (see dhsa_kernels.h).
 VARIANTS = {"auto": 0, "m64": 1, "m128": 2, "m128w4": 3, "m256": 4, "wgmma": 5, "wgmma_serial": 6,
-            "wgmma_overlap": 7, "wgmma_split": 8}
+            "wgmma_overlap": 7, "wgmma_split": 8, "wgmma_cpasync": 9}
 
 
 class DhsaBsaParams(ctypes.Structure):

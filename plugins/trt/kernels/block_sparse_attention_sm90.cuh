@@ -21,6 +21,8 @@
 // host never launches them there (dhsa_kernels.cu checks the device and the kernel's attributes).
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (a type only: the library does not link the driver)
+
 #include "block_sparse_attention.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -182,6 +184,26 @@ template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+// Arrive on `bar` and add `bytes` to the bytes its current phase waits for (the copy engine's
+// complete_tx pays them back).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+// Bulk tensor copy (TMA) of one box of a 3-D tensor map at coordinates (c0, c1, c2) into shared
+// memory at `dst`, completing `bytes` of transaction count on `bar`. Boxes that reach past the
+// tensor are zero-filled there: nothing outside the tensor is read.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                            uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
 #endif  // DHSA_WGMMA_ENABLED
 
 // Byte offset of 16-byte chunk `chunk` (D / 8 per row) of row `row` in a swizzled tile of R rows.
@@ -214,7 +236,7 @@ struct WgSmem {
 // The CTA's query tile (same decomposition as bsa_fwd_kernel: rows = head_group heads x P query
 // positions) and the key stream of its query block.
 struct WgTile {
-    int t0, npos, P, h0, cnt, total, ntiles, qpos_offset;
+    int t0, npos, P, h0, cnt, total, ntiles, qpos_offset, kv_head;  // kv_head: b * Hkv + KV head
     long long qrow0, kvoff, row_id;
 };
 
@@ -232,7 +254,8 @@ __device__ __forceinline__ bool wg_tile(const BsaArgs& a, WgTile& t) {
     t.P = a.pos_per_tile;
     t.h0 = r * a.head_group;
     t.qrow0 = (long long)b * a.hq * a.lq;
-    t.kvoff = ((long long)b * a.hkv + t.h0 / a.kv_ratio) * a.lk * D;
+    t.kv_head = b * a.hkv + t.h0 / a.kv_ratio;
+    t.kvoff = (long long)t.kv_head * a.lk * D;
     t.row_id = ((long long)b * a.hr + r) * a.nq + qb;
     t.cnt = a.counts[t.row_id];
     t.total = VAR ? a.stream_off[t.row_id * (a.width + 1) + t.cnt] : t.cnt * a.k_block;
@@ -463,10 +486,20 @@ struct WgRows {
 constexpr int kWsStages = 3;
 constexpr int kWsThreads = 384;
 
-template <typename T, int D, bool PINGPONG, bool VAR>
-__global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) {
+// TMA (fixed chunks whose k_block is a multiple of 8 dividing kBN): one producer thread copies each
+// k_block-row K / V block of a tile as D / 64 boxes of the tensor maps `tmk` / `tmv` ([B * Hkv, Lk,
+// D], 128-byte swizzle: the layout the wgmma descriptors read) with bulk tensor copies that complete
+// on the stage's full barrier; the producer keeps 24 registers and the consumers get 240. Otherwise
+// (variable chunks, other k_block) the producer gathers rows with cp.async and the maps are unused.
+template <typename T, int D, bool PINGPONG, bool VAR, bool TMA>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    bsa_wgmma_ws_kernel(BsaArgs a, const __grid_constant__ CUtensorMap tmk,
+                        const __grid_constant__ CUtensorMap tmv) {
+    static_assert(!(TMA && VAR), "the TMA producer copies fixed k_block blocks");
 #ifdef DHSA_WGMMA_ENABLED
     constexpr int S = kWsStages;
+    constexpr int kProducerRegs = TMA ? 24 : 40;
+    constexpr int kConsumerRegs = TMA ? 240 : 232;
     using M = WgRows<T, D>;
     using L = WgSmem<D, S>;
     // Static shared memory also marks the sm_90a build (host: sharedSizeBytes > 0).
@@ -494,7 +527,38 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
 
     if (wg == 0) {
         // ---- producer ----
-        setmaxnreg_dec<40>();
+        setmaxnreg_dec<kProducerRegs>();
+        if constexpr (TMA) {
+            if (tid == 0) {
+                tma_prefetch_map(&tmk);
+                tma_prefetch_map(&tmv);
+            }
+            const int blocks_per_tile = kBN / a.k_block;
+            const int32_t* index = a.block_index + t.row_id * a.width;
+            int cursor = 0;
+            for (int j = 0; j < t.ntiles; ++j) {
+                const int s = j % S;
+                const uint32_t full = full0 + 8 * s;
+                if (j >= S) mbar_wait(empty0 + 8 * s, ((j / S) - 1) & 1);
+                sPos[s * kBN + tid] = wg_stream_key<false>(a, t, j * kBN + tid, cursor);
+                if (tid == 0) {
+                    mbar_arrive_expect_tx(full, 2u * L::kTileKV);
+                    for (int b = 0; b < blocks_per_tile; ++b) {
+                        const int i = j * blocks_per_tile + b;
+                        const int row = i < t.cnt ? index[i] * a.k_block : a.lk;  // a.lk: zeros
+#pragma unroll
+                        for (int c = 0; c < D / 64; ++c) {
+                            const uint32_t off = s * L::kTileKV + c * (kBN * 128) + b * a.k_block * 128;
+                            tma_load_3d(sK0 + off, &tmk, c * 64, row, t.kv_head, full);
+                            tma_load_3d(sV0 + off, &tmv, c * 64, row, t.kv_head, full);
+                        }
+                    }
+                } else {
+                    mbar_arrive(full);
+                }
+            }
+            return;
+        }
         const T* kbase = reinterpret_cast<const T*>(a.k) + t.kvoff;
         const T* vbase = reinterpret_cast<const T*>(a.v) + t.kvoff;
         int cursor = 0;
@@ -521,7 +585,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) bsa_wgmma_ws_kernel(BsaArgs a) 
         }
     } else {
         // ---- consumers ----
-        setmaxnreg_inc<232>();
+        setmaxnreg_inc<kConsumerRegs>();
         const int c = wg - 1;
         const int lt = tid & 127;
         wg_load_q<T, D, 128>(a, t, sQ, c * 64, 64, lt);

@@ -9,6 +9,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <type_traits>
 
 #include "block_sparse_attention.cuh"
 #include "block_sparse_attention_sm90.cuh"
@@ -115,15 +116,17 @@ int validate(const DhsaBsaParams* p) {
                                                                (1ll << 31))
         return fail(DHSA_STATUS_UNSUPPORTED, "tensors too large (q %lld, k %lld elements)", elems_q,
                     elems_k);
-    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_SPLIT)
+    if (p->variant < DHSA_VARIANT_AUTO || p->variant > DHSA_VARIANT_WGMMA_CPASYNC)
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "variant %d unknown", p->variant);
     return DHSA_STATUS_OK;
 }
 
 // Launch one attention kernel instance over the (query tile, routing head, batch) grid; bm = query
 // rows per CTA.
-int launch_grid(void (*kernel)(dhsa::BsaArgs), int bm, int threads, int smem_bytes,
-                const dhsa::BsaArgs& args, cudaStream_t stream) {
+// `extra`: kernel parameters after the BsaArgs (the wgmma producer's tensor maps).
+template <typename... Extra>
+int launch_grid(void (*kernel)(dhsa::BsaArgs, Extra...), int bm, int threads, int smem_bytes,
+                const dhsa::BsaArgs& args, cudaStream_t stream, const Extra&... extra) {
     cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (e != cudaSuccess)
@@ -137,7 +140,7 @@ int launch_grid(void (*kernel)(dhsa::BsaArgs), int bm, int threads, int smem_byt
     if (gx > 0x7fffffffll || a.hr > 65535 || a.batch > 65535)
         return fail(DHSA_STATUS_UNSUPPORTED, "grid too large (%lld x %d x %d)", gx, a.hr, a.batch);
     dim3 grid((unsigned)gx, (unsigned)a.hr, (unsigned)a.batch);
-    kernel<<<grid, threads, smem_bytes, stream>>>(a);
+    kernel<<<grid, threads, smem_bytes, stream>>>(a, extra...);
     e = cudaGetLastError();
     if (e != cudaSuccess)
         return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u x %u x %u): %s",
@@ -165,30 +168,94 @@ bool wgmma_device() {
 
 // An sm_90a image of `kernel` is loaded: other builds (plain sm_90, PTX compiled at load time) hold
 // a stub without the kernel's static shared memory (sharedSizeBytes == 0).
-bool wgmma_built(void (*kernel)(dhsa::BsaArgs)) {
+template <typename Kernel>
+bool wgmma_built(Kernel* kernel) {
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)) != cudaSuccess) {
         cudaGetLastError();  // clear the error (no image for this device)
         return false;
     }
     return attr.sharedSizeBytes > 0;
 }
 
+int wgmma_unsupported() {
+    return fail(DHSA_STATUS_UNSUPPORTED,
+                "the wgmma variants need a compute capability 9.0 GPU and a library built for "
+                "sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+}
+
 int launch_sm90(void (*fixed)(dhsa::BsaArgs), void (*var)(dhsa::BsaArgs), int threads,
                 int smem_bytes, const dhsa::BsaArgs& args, cudaStream_t stream) {
-    if (!wgmma_device() || !wgmma_built(fixed))
-        return fail(DHSA_STATUS_UNSUPPORTED,
-                    "the wgmma variants need a compute capability 9.0 GPU and a library built for "
-                    "sm_90a (-gencode arch=compute_90a,code=sm_90a)");
+    if (!wgmma_device() || !wgmma_built(fixed)) return wgmma_unsupported();
     return launch_grid(args.key_chunk_offsets != nullptr ? var : fixed, dhsa::sm90::kBM, threads,
                        smem_bytes, args, stream);
 }
 
+// cuTensorMapEncodeTiled, looked up in the driver at run time: the library links only the CUDA
+// runtime, so it loads on machines whose driver is older than the toolkit's headers.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_tiled() {
+    static const EncodeTiledFn fn = [] {
+        void* ptr = nullptr;
+        cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+        const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                                               cudaEnableDefault, &found);
+#else
+        const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr,
+                                                      cudaEnableDefault, &found);
+#endif
+        if (e != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            ptr = nullptr;
+        }
+        return reinterpret_cast<EncodeTiledFn>(ptr);
+    }();
+    return fn;
+}
+
+// Tensor map of K or V seen as [B * Hkv, Lk, D], boxes of 64 columns x k_block rows, 128-byte
+// swizzle (the shared layout of the wgmma kernels). Rows past Lk read as zeros.
+template <typename T>
+bool kv_tensor_map(CUtensorMap* map, const void* base, const dhsa::BsaArgs& a, int d) {
+    const EncodeTiledFn encode = encode_tiled();
+    if (encode == nullptr) return false;
+    const cuuint64_t dims[3] = {(cuuint64_t)d, (cuuint64_t)a.lk, (cuuint64_t)a.batch * a.hkv};
+    const cuuint64_t strides[2] = {(cuuint64_t)d * sizeof(T), (cuuint64_t)a.lk * d * sizeof(T)};
+    const cuuint32_t box[3] = {64, (cuuint32_t)a.k_block, 1};
+    const cuuint32_t unit[3] = {1, 1, 1};
+    const CUtensorMapDataType type = std::is_same<T, __nv_bfloat16>::value
+                                         ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                         : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    return encode(map, type, 3, const_cast<void*>(base), dims, strides, box, unit,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The warp-specialized kernel: TMA producer for fixed chunks whose k_block (a multiple of 8)
+// divides the 128-key tile, when `tma` allows it and the driver encodes the maps; else cp.async.
 template <typename T, int D, bool PINGPONG>
-int launch_wgmma_ws(const dhsa::BsaArgs& a, cudaStream_t stream) {
-    return launch_sm90(dhsa::sm90::bsa_wgmma_ws_kernel<T, D, PINGPONG, false>,
-                       dhsa::sm90::bsa_wgmma_ws_kernel<T, D, PINGPONG, true>, dhsa::sm90::kWsThreads,
-                       dhsa::sm90::WgSmem<D, dhsa::sm90::kWsStages>::kBytes, a, stream);
+int launch_wgmma_ws(const dhsa::BsaArgs& a, bool tma, cudaStream_t stream) {
+    namespace s9 = dhsa::sm90;
+    constexpr int smem = s9::WgSmem<D, s9::kWsStages>::kBytes;
+    if (!wgmma_device() || !wgmma_built(s9::bsa_wgmma_ws_kernel<T, D, PINGPONG, false, false>))
+        return wgmma_unsupported();
+    CUtensorMap tmk, tmv;
+    std::memset(&tmk, 0, sizeof(tmk));
+    std::memset(&tmv, 0, sizeof(tmv));
+    const bool fixed = a.key_chunk_offsets == nullptr;
+    if (fixed && tma && a.k_block % 8 == 0 && s9::kBN % a.k_block == 0 &&
+        kv_tensor_map<T>(&tmk, a.k, a, D) && kv_tensor_map<T>(&tmv, a.v, a, D))
+        return launch_grid(s9::bsa_wgmma_ws_kernel<T, D, PINGPONG, false, true>, s9::kBM,
+                           s9::kWsThreads, smem, a, stream, tmk, tmv);
+    return launch_grid(fixed ? s9::bsa_wgmma_ws_kernel<T, D, PINGPONG, false, false>
+                             : s9::bsa_wgmma_ws_kernel<T, D, PINGPONG, true, false>,
+                       s9::kBM, s9::kWsThreads, smem, a, stream, tmk, tmv);
 }
 
 template <typename T, int D, bool OVERLAP, bool SPLIT>
@@ -215,16 +282,19 @@ int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t str
         if ((long long)a.head_group * a.q_block < 128)
             variant = DHSA_VARIANT_M64;
         else if (wgmma_device() &&
-                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, true, false>
-                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, true, false>))
+                 wgmma_built(head_dim == 64 ? dhsa::sm90::bsa_wgmma_ws_kernel<T, 64, true, false, false>
+                                            : dhsa::sm90::bsa_wgmma_ws_kernel<T, 128, true, false, false>))
             variant = DHSA_VARIANT_WGMMA;
         else
             variant = DHSA_VARIANT_M128_W4;
     }
     switch (variant) {
         case DHSA_VARIANT_WGMMA:
-            return head_dim == 64 ? launch_wgmma_ws<T, 64, true>(a, stream)
-                                  : launch_wgmma_ws<T, 128, true>(a, stream);
+        case DHSA_VARIANT_WGMMA_CPASYNC: {
+            const bool tma = variant == DHSA_VARIANT_WGMMA;
+            return head_dim == 64 ? launch_wgmma_ws<T, 64, true>(a, tma, stream)
+                                  : launch_wgmma_ws<T, 128, true>(a, tma, stream);
+        }
         case DHSA_VARIANT_WGMMA_SERIAL:
             return launch_wgmma_d<T, false, false>(a, head_dim, stream);
         case DHSA_VARIANT_WGMMA_OVERLAP:

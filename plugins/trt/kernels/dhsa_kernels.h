@@ -70,11 +70,15 @@ extern "C" {
 #define DHSA_VARIANT_M256 4 /* 8 warps x 32 rows, 256 query rows per CTA */
 /* Hopper (sm_90a builds on compute capability 9.0 only; DHSA_STATUS_UNSUPPORTED elsewhere): wgmma,
  * 128 query rows (2 consumer warpgroups x 64) and 128 gathered keys per tile, 3 K/V stages. */
-#define DHSA_VARIANT_WGMMA 5         /* + a producer warpgroup (cp.async, mbarriers); S_j issued with
-                                        P_{j-1} V_{j-1}, consumer ping-pong. AUTO's choice on sm_90 */
+#define DHSA_VARIANT_WGMMA 5         /* + a producer warpgroup (mbarriers); S_j issued with
+                                        P_{j-1} V_{j-1}, consumer ping-pong. AUTO's choice on sm_90.
+                                        Fixed chunks with k_block % 8 == 0 dividing 128: the
+                                        producer copies K/V blocks with bulk tensor copies (TMA);
+                                        otherwise it gathers rows with cp.async */
 #define DHSA_VARIANT_WGMMA_SERIAL 6  /* no producer: S, softmax, P V in turn */
 #define DHSA_VARIANT_WGMMA_OVERLAP 7 /* no producer: S_j with P_{j-1} V_{j-1}, ping-pong */
 #define DHSA_VARIANT_WGMMA_SPLIT 8   /* as WGMMA_OVERLAP with K loaded two tiles ahead, V one */
+#define DHSA_VARIANT_WGMMA_CPASYNC 9 /* as WGMMA with the cp.async producer in every case */
 
 typedef struct DhsaBsaParams {
     const void* q;                    /* [B, Hq, Lq, D] */
