@@ -117,7 +117,35 @@ struct BsaArgs {
     int tiles_per_qblock;
     float scale_log2;    // scale * log2(e)
     int causal;
+    int hoist_last;      // work order (see work_item): 1 = last query block of every head first
 };
+
+// The CTA's work item: query tile x of routing head r of sequence b, from a 1-D grid. Per (b, r) in
+// turn, its query tiles from the last (heaviest under a causal mask) to the first: consecutive CTAs
+// share a KV head, whose selected K/V blocks then stay in L2. With `hoist_last` (the host sets it
+// when all K/V fit in L2, i.e. short sequences) the tiles of the LAST query block of every (b, r)
+// come first: under vslash that block is dense, and with one head after another the last head's
+// dense block started in the last waves and set the critical path (8K: -12 % with hoisting; at
+// 32K, where K/V do not fit in L2, hoisting cost 6-9 % in locality, docs/GPU_NOTES.md v9).
+__device__ __forceinline__ void work_item(const BsaArgs& a, int& x, int& r, int& b) {
+    const int tpq = a.tiles_per_qblock;
+    const int heads = a.hr * a.batch;
+    const int gx = a.nq * tpq;
+    const int item = (int)blockIdx.x;
+    const int first = a.hoist_last ? heads * tpq : 0;  // hoisted items
+    int rb;
+    if (item < first) {
+        rb = item / tpq;
+        x = gx - 1 - (item - rb * tpq);
+    } else {
+        const int rest = a.hoist_last ? gx - tpq : gx;  // > 0 here
+        const int i = item - first;
+        rb = i / rest;
+        x = rest - 1 - (i - rb * rest);
+    }
+    b = rb / a.hr;
+    r = rb - b * a.hr;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Validation / planning kernel: one warp per (b, r, query block) row.
@@ -232,10 +260,8 @@ __global__ void __launch_bounds__(WARPS * 32, BsaConfig<D, WARPS, MT>::kMinBlock
     const int lane = tid & 31;
     const int warp_row0 = warp * C::kRowsPerWarp;
 
-    // Heavy (late, causal) query blocks first.
-    const int x = gridDim.x - 1 - blockIdx.x;
-    const int r = blockIdx.y;
-    const int b = blockIdx.z;
+    int x, r, b;
+    work_item(a, x, r, b);  // heavy (late, causal) query tiles first
     const int qb = x / a.tiles_per_qblock;
     const int tt = x - qb * a.tiles_per_qblock;
     const int t0 = qb * a.q_block + tt * a.pos_per_tile;

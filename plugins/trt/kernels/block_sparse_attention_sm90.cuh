@@ -242,9 +242,8 @@ struct WgTile {
 
 template <int D, bool VAR>
 __device__ __forceinline__ bool wg_tile(const BsaArgs& a, WgTile& t) {
-    const int x = gridDim.x - 1 - blockIdx.x;  // heavy (late, causal) query blocks first
-    const int r = blockIdx.y;
-    const int b = blockIdx.z;
+    int x, r, b;
+    work_item(a, x, r, b);  // heavy (late, causal) query tiles first
     const int qb = x / a.tiles_per_qblock;
     const int tt = x - qb * a.tiles_per_qblock;
     t.t0 = qb * a.q_block + tt * a.pos_per_tile;

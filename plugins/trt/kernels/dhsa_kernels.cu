@@ -123,6 +123,18 @@ int validate(const DhsaBsaParams* p) {
 
 // Launch one attention kernel instance over the (query tile, routing head, batch) grid; bm = query
 // rows per CTA.
+// Whether every K and V row of the batch fits in the device's L2 cache (work_item's order).
+bool kv_fits_in_l2(const dhsa::BsaArgs& a, int head_dim) {
+    int dev = 0, l2 = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    const long long kv_bytes = 2ll * a.batch * a.hkv * a.lk * head_dim * 2;  // K + V, 2-byte types
+    return kv_bytes <= (long long)l2;
+}
+
 // `extra`: kernel parameters after the BsaArgs (the wgmma producer's tensor maps).
 template <typename... Extra>
 int launch_grid(void (*kernel)(dhsa::BsaArgs, Extra...), int bm, int threads, int smem_bytes,
@@ -137,14 +149,18 @@ int launch_grid(void (*kernel)(dhsa::BsaArgs, Extra...), int bm, int threads, in
     if (a.pos_per_tile > a.q_block) a.pos_per_tile = a.q_block;
     a.tiles_per_qblock = (a.q_block + a.pos_per_tile - 1) / a.pos_per_tile;
     const long long gx = (long long)a.nq * a.tiles_per_qblock;
-    if (gx > 0x7fffffffll || a.hr > 65535 || a.batch > 65535)
-        return fail(DHSA_STATUS_UNSUPPORTED, "grid too large (%lld x %d x %d)", gx, a.hr, a.batch);
-    dim3 grid((unsigned)gx, (unsigned)a.hr, (unsigned)a.batch);
+    const long long items = gx * a.hr * a.batch;  // one CTA each, 1-D grid (see work_item)
+    if (items > 0x7fffffffll)
+        return fail(DHSA_STATUS_UNSUPPORTED,
+                    "grid too large (%lld query tiles x %d routing heads x %d sequences > 2^31 - 1); "
+                    "split the batch or the sequence",
+                    gx, a.hr, a.batch);
+    const dim3 grid((unsigned)items);
     kernel<<<grid, threads, smem_bytes, stream>>>(a, extra...);
     e = cudaGetLastError();
     if (e != cudaSuccess)
-        return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u x %u x %u): %s",
-                    grid.x, grid.y, grid.z, cudaGetErrorString(e));
+        return fail(DHSA_STATUS_CUDA_ERROR, "attention kernel launch (grid %u): %s", grid.x,
+                    cudaGetErrorString(e));
     return DHSA_STATUS_OK;
 }
 
@@ -387,6 +403,7 @@ int dhsa_bsa_forward(const DhsaBsaParams* params, void* workspace, size_t worksp
     a.kv_ratio = p.num_q_heads / p.num_kv_heads;
     a.scale_log2 = p.scale * 1.4426950408889634f;
     a.causal = p.causal;
+    a.hoist_last = kv_fits_in_l2(a, p.head_dim) ? 1 : 0;
 
     cudaError_t e = cudaMemsetAsync(a.flag, 0, sizeof(int32_t), stream);
     if (e != cudaSuccess)

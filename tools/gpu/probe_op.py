@@ -1,0 +1,102 @@
+"""Why can routing + kernel timed as one region take longer than the two parts timed alone?
+
+Interleaves, per repeat, the routing alone, the kernel alone (on that routing's indices), the op
+(routing then kernel) and the op with a device synchronization between the parts, all CUDA-event
+timed (LLaMA-3.1-8B heads, bf16, density 0.125, the backend's routing incl. its CUDA graphs), and
+prints the GPU kernels of one op call from torch.profiler (name, count, total ms).
+
+    python3 tools/gpu/probe_op.py --tokens 131072 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def event_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def main(argv=None) -> int:
+    from dhsa_export.backends.torch_cuda import launch, route_batch, selections_to_indices
+    from dhsa_export.backends.torch_cuda.routing_graph import RoutingGraphCache
+    from dhsa_export.config import DHSAConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="131072")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    cfg = DHSAConfig(density=0.125)
+    rows = []
+    for length in (int(t) for t in args.tokens.split(",")):
+        gen = torch.Generator(device="cuda").manual_seed(length)
+        q = torch.randn(1, 32, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        graphs = RoutingGraphCache()
+
+        def routing():
+            sels, variable = route_batch(q, k, cfg, graphs=graphs)
+            return selections_to_indices(sels, variable)
+
+        index, count, offsets = routing()
+
+        def kernel():
+            return launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block)
+
+        def op():
+            i, c, o = routing()
+            return launch(q, k, v, i, c, o, cfg.q_block, cfg.k_block)
+
+        def op_sync():
+            i, c, o = routing()
+            torch.cuda.synchronize()
+            return launch(q, k, v, i, c, o, cfg.q_block, cfg.k_block)
+
+        parts = {"routing": routing, "kernel": kernel, "op": op, "op_sync": op_sync}
+        for fn in parts.values():  # warm-up (graph capture on the second routing call)
+            fn()
+            fn()
+        times = {name: [] for name in parts}
+        for _ in range(args.repeats):
+            for name, fn in parts.items():
+                times[name].append(event_ms(fn))
+        row = {"tokens": length, **{f"{n}_ms": statistics.median(t) for n, t in times.items()},
+               "samples": times}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            op()
+            torch.cuda.synchronize()
+        kernels = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                name = ev.name[:80]
+                n, ms = kernels.get(name, (0, 0.0))
+                kernels[name] = (n + 1, ms + ev.device_time_total / 1e3)
+        row["op_kernels"] = sorted(([n, c, round(ms, 4)] for n, (c, ms) in kernels.items()),
+                                   key=lambda x: -x[2])
+        row["op_gpu_ms"] = sum(x[2] for x in row["op_kernels"])
+        rows.append(row)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                          if k not in ("samples", "op_kernels")}), flush=True)
+        for name, c, ms in row["op_kernels"][:12]:
+            print(f"   {ms:9.3f} ms  x{c:<4} {name}")
+        del q, k, v, graphs
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
