@@ -116,7 +116,6 @@ def _host_params(**changes):
     (dict(q_block=0), "q_block = 0 must be >= 1"),
     (dict(k_block=-1), "k_block = -1 must be >= 1"),
     (dict(sink_tokens=-2), "sink_tokens = -2"),
-    (dict(q=None), "a required pointer is NULL"),
     (dict(key_chunk_offsets=16, offsets_width=0), "needs at least one column"),
     (dict(batch=0), "bad sizes batch=0"),
 ])
@@ -126,6 +125,31 @@ def test_route_host_validation_names_the_value(changes, message):
         library.route_output_shape(lib, _host_params(**changes))
     with pytest.raises(DHSAError, match=message):
         library.route_workspace_size(lib, _host_params(**changes))
+
+
+def test_route_forward_checks_buffers_before_the_gpu():
+    """Buffers are checked by forward only (shapes and workspace sizes are asked without them)."""
+    lib = _loadable_library()
+    assert library.route_output_shape(lib, _host_params(q=None, block_index=None)) == (8, 2, 8)
+    with pytest.raises(DHSAError, match="a required pointer is NULL"):
+        library.route_forward(lib, _host_params(q=None), 0, 0, 0)
+    with pytest.raises(DHSAError, match="bytes needed"):
+        library.route_forward(lib, _host_params(), 0, 0, 0)
+
+
+def test_route_params_from_tensors():
+    """route_params maps tensors and a config's registry attributes onto the C fields."""
+    from dhsa_export.backends.torch_cuda.ops import route_params
+
+    lib = _loadable_library()
+    q, k = torch.zeros(2, 8, 300, 64, dtype=torch.bfloat16), torch.zeros(2, 2, 700, 64, dtype=torch.bfloat16)
+    cfg = DHSAConfig(pattern="dynamic", q_block=64, k_block=16, density=0.25)
+    params = route_params(q, k, route_attributes(cfg, 8, 2), torch.zeros(2, 41, dtype=torch.int32))
+    assert (params.batch, params.num_q_heads, params.num_kv_heads, params.q_len, params.k_len) == (2, 8, 2, 300, 700)
+    assert (params.pattern, params.density, params.head_group, params.offsets_width) == (4, 0.25, 4, 41)
+    assert params.dtype == library.DTYPE_BF16 and params.chunk_score == library.ROUTE_CHUNK_SCORES["mass"]
+    assert library.route_output_shape(lib, params) == (2, 5, 40)
+    assert library.route_workspace_size(lib, params) > 0
 
 
 def test_route_output_shape_follows_the_registry():

@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--lengths", default="8192,32768")
     parser.add_argument("--cpu-reference-max", type=int, default=8192)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="per-kernel CUDA times at the largest length")
     args = parser.parse_args()
     results = []
     gen = torch.Generator().manual_seed(0)
@@ -69,7 +70,7 @@ def main() -> int:
         offsets = random_offsets(length, gen).cuda()
         for pattern, routing, extra in cases:
             cfg = DHSAConfig(pattern=pattern, head_routing=routing, **extra)
-            off = offsets if pattern == "dynamic" else None
+            off = offsets.long() if pattern == "dynamic" else None
             width = (off.numel() - 1) if off is not None else -(-length // cfg.k_block)
 
             def torch_eager():
@@ -83,7 +84,7 @@ def main() -> int:
                 return sel.to_block_index(width)
 
             def cuda_cpp():
-                return route_cuda(q, k, cfg, off[None] if off is not None else None, check=False)
+                return route_cuda(q, k, cfg, off[None].int() if off is not None else None, check=False)
 
             row = {"length": length, "pattern": pattern, "routing": routing, **extra}
             try:
@@ -103,6 +104,15 @@ def main() -> int:
                     row["differing_rows_vs_cpu_fp32_reference"] = differing(got, (ref[0][None], ref[1][None]))
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if args.profile and length == max(int(x) for x in args.lengths.split(",")) and "error" not in row:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    cuda_cpp()
+                    torch.cuda.synchronize()
+                kernels = {}
+                for e in prof.key_averages():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        kernels[e.key.split("(")[0][-60:]] = round(e.device_time_total / 1000, 4)
+                row["kernels_ms"] = kernels
             print(json.dumps(row), flush=True)
             results.append(row)
     if args.out:

@@ -335,6 +335,8 @@ struct RouteLayout {
            slash_part = 0, vert_part = 0, v_prefix = 0, s_prefix = 0, total = 0;
 };
 
+// Shapes and attributes (what the output shape and the workspace size depend on); the buffers are
+// checked by dhsa_route_forward only (route_pointers).
 int route_validate(const DhsaRouteParams* p, RoutePlan* plan) {
     if (p == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "Route: params is NULL");
     if (p->batch < 1 || p->num_q_heads < 1 || p->num_kv_heads < 1 || p->q_len < 1 || p->k_len < 1)
@@ -383,26 +385,24 @@ int route_validate(const DhsaRouteParams* p, RoutePlan* plan) {
                     "Route: query length %d exceeds key length %d; queries must be the last Lq of "
                     "the Lk key positions",
                     p->q_len, p->k_len);
-    if (!p->q || !p->k || !p->block_index || !p->block_count)
-        return fail(DHSA_STATUS_INVALID_ARGUMENT,
-                    "Route: a required pointer is NULL (q=%p k=%p block_index=%p block_count=%p)",
-                    p->q, p->k, (const void*)p->block_index, (const void*)p->block_count);
     if (p->key_chunk_offsets != nullptr && p->offsets_width < 1)
         return fail(DHSA_STATUS_INVALID_ARGUMENT,
                     "Route: key_chunk_offsets needs at least one column (offsets_width = %d)",
                     p->offsets_width);
-    if (p->key_chunk_offsets == nullptr && p->offsets_width != 0)
-        return fail(DHSA_STATUS_INVALID_ARGUMENT,
-                    "Route: offsets_width = %d without key_chunk_offsets; pass 0 or the offsets",
+    if (p->offsets_width < 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "Route: offsets_width = %d must be >= 0",
                     p->offsets_width);
     RoutePlan& l = *plan;
+    // The offsets' width (not the pointer) decides the geometry, so shapes and workspace sizes can be
+    // asked before the buffers exist: width 0 = no offsets.
+    const bool has_offsets = p->key_chunk_offsets != nullptr || p->offsets_width > 0;
     l.hr = p->num_q_heads / p->head_group;
     l.nq = (int)ceil_div_ll(p->q_len, p->q_block);
     l.pattern = p->pattern;
     if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH && p->vslash_blockwise_above > 0 &&
         p->k_len > p->vslash_blockwise_above)
         l.pattern = DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE;
-    l.variable = l.pattern == DHSA_ROUTE_PATTERN_DYNAMIC && p->key_chunk_offsets != nullptr;
+    l.variable = l.pattern == DHSA_ROUTE_PATTERN_DYNAMIC && has_offsets;
     l.nc = l.variable ? p->offsets_width - 1 : (int)ceil_div_ll(p->k_len, p->k_block);
     if (l.variable && l.nc < 1)
         return fail(DHSA_STATUS_INVALID_ARGUMENT,
@@ -439,6 +439,18 @@ int route_validate(const DhsaRouteParams* p, RoutePlan* plan) {
         return fail(DHSA_STATUS_UNSUPPORTED,
                     "Route: problem too large (block_index of %lld entries, Hr=%d, B=%d)", out_elems,
                     l.hr, p->batch);
+    return DHSA_STATUS_OK;
+}
+
+int route_pointers(const DhsaRouteParams& p) {
+    if (!p.q || !p.k || !p.block_index || !p.block_count)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: a required pointer is NULL (q=%p k=%p block_index=%p block_count=%p)",
+                    p.q, p.k, (const void*)p.block_index, (const void*)p.block_count);
+    if (p.offsets_width > 0 && p.key_chunk_offsets == nullptr)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: offsets_width = %d without key_chunk_offsets; pass 0 or the offsets",
+                    p.offsets_width);
     return DHSA_STATUS_OK;
 }
 
@@ -716,6 +728,8 @@ int dhsa_route_forward(const DhsaRouteParams* params, void* workspace, size_t wo
     const int st = route_validate(params, &l);
     if (st != DHSA_STATUS_OK) return st;
     const DhsaRouteParams& p = *params;
+    const int pst = route_pointers(p);
+    if (pst != DHSA_STATUS_OK) return pst;
     const RouteLayout w = route_layout(p, l);
     if (workspace == nullptr || workspace_bytes < w.total)
         return fail(DHSA_STATUS_WORKSPACE,

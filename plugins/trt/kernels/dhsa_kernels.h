@@ -185,7 +185,9 @@ typedef struct DhsaRouteParams {
     int32_t chunk_score;            /* DHSA_ROUTE_CHUNK_SCORE_* */
 } DhsaRouteParams;
 
-/* Output geometry: routing heads Hr, query blocks nQ, chunks nC (= the index width). */
+/* Output geometry: routing heads Hr, query blocks nQ, chunks nC (= the index width). This and
+ * dhsa_route_workspace_size read shapes and attributes only (buffer pointers may be NULL; the
+ * offsets count as given when offsets_width > 0). */
 DHSA_API int dhsa_route_output_shape(const DhsaRouteParams* params, int32_t* routing_heads,
                                      int32_t* q_blocks, int32_t* chunks);
 
