@@ -312,7 +312,7 @@ def test_dynamic_variable_chunks_exact(routing, score):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
 def test_random_inputs_agree(shape, routing, pattern, dtype):
     """Random inputs: the same counts (fixed-block patterns) and the same rows except a tiny
     fraction (near-ties from the fp32 summation order)."""
@@ -333,8 +333,12 @@ def test_random_inputs_agree(shape, routing, pattern, dtype):
 @gpu
 @pytest.mark.parametrize("pattern", ["vslash", "vslash_blockwise"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_vslash_lines_agree_at_larger_lengths(pattern, d):
-    """Default blocks (128 / 32) over 4K keys, GQA 4 group routing, and the vslash -> blockwise switch."""
+@pytest.mark.parametrize("logits", ["tensor-cores", "fp32"])
+def test_vslash_lines_agree_at_larger_lengths(pattern, d, logits, monkeypatch):
+    """Default blocks (128 / 32) over 4K keys, GQA 4 group routing, and the vslash -> blockwise switch;
+    vslash's logits on the tensor cores (default for fp16 / bf16) and on the CUDA cores."""
+    if logits == "fp32":
+        monkeypatch.setenv("DHSA_ROUTE_LOGITS", "fp32")
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(1, 8, 4096, d, generator=gen).to(torch.bfloat16)
     k = torch.randn(1, 2, 4096, d, generator=gen).to(torch.bfloat16)

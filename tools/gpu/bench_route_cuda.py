@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -61,7 +62,8 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     gen = torch.Generator().manual_seed(0)
-    cases = [("vslash", "group", {}), ("vslash", "head", {}), ("topk", "group", {}),
+    cases = [("vslash", "group", {}), ("vslash", "group", {"logits": "fp32"}), ("vslash", "head", {}),
+             ("topk", "group", {}),
              ("vslash_blockwise", "group", {}), ("dynamic", "group", {"chunk_score": "mass"}),
              ("dynamic", "group", {"chunk_score": "mean"})]
     for length in (int(x) for x in args.lengths.split(",")):
@@ -69,7 +71,12 @@ def main() -> int:
         k = torch.randn(1, 8, length, 128, generator=gen).to("cuda", torch.bfloat16)
         offsets = random_offsets(length, gen).cuda()
         for pattern, routing, extra in cases:
-            cfg = DHSAConfig(pattern=pattern, head_routing=routing, **extra)
+            cfg = DHSAConfig(pattern=pattern, head_routing=routing,
+                             **{key: value for key, value in extra.items() if key != "logits"})
+            if extra.get("logits") == "fp32":  # vslash logits on the CUDA cores instead of mma.sync
+                os.environ["DHSA_ROUTE_LOGITS"] = "fp32"
+            else:
+                os.environ.pop("DHSA_ROUTE_LOGITS", None)
             off = offsets.long() if pattern == "dynamic" else None
             width = (off.numel() - 1) if off is not None else -(-length // cfg.k_block)
 

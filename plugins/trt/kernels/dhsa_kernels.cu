@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -326,13 +327,13 @@ long long ceil_div_ll(long long a, long long b) { return (a + b - 1) / b; }
 struct RoutePlan {
     int hr = 0, nq = 0, nc = 0, pattern = 0, variable = 0, length_normalized = 0;
     long long budget_blocks = 0, budget = 0, dense_first = 0;
-    int n_last = 0, n_vertical = 0, n_slash = 0, line_len = 0, n_kt = 0, row_tiles = 0;
+    int n_last = 0, n_vertical = 0, n_slash = 0, line_len = 0, n_kt = 0, row_tiles = 0, n_split = 0;
     bool need_km = false;
 };
 
 struct RouteLayout {
     size_t flag = 0, bad = 0, qm = 0, km = 0, row_m = 0, row_l = 0, vertical = 0, slash = 0,
-           slash_part = 0, vert_part = 0, v_prefix = 0, s_prefix = 0, total = 0;
+           slash_part = 0, vert_part = 0, v_prefix = 0, s_prefix = 0, stats_part = 0, total = 0;
 };
 
 // Shapes and attributes (what the output shape and the workspace size depend on); the buffers are
@@ -425,6 +426,7 @@ int route_validate(const DhsaRouteParams* p, RoutePlan* plan) {
         l.n_slash = (int)(ns < p->k_len ? ns : p->k_len);
         l.line_len = p->k_len;
         l.n_kt = (int)ceil_div_ll(p->k_len, dhsa::route::kTile);
+        l.n_split = (int)ceil_div_ll(p->k_len, dhsa::route::kStatsSplit);
     } else if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE) {
         l.dense_first = ceil_div_ll(budget_tokens, p->q_block);
         const long long nv = l.budget_blocks / 2, ns = l.budget_blocks - nv;
@@ -477,6 +479,7 @@ RouteLayout route_layout(const DhsaRouteParams& p, const RoutePlan& l) {
         w.slash_part = take(lines * l.n_kt * (size_t)(l.n_last + dhsa::route::kTile - 1) * f);
         w.v_prefix = take(lines * ((size_t)p.k_len + 1) * f);
         w.s_prefix = take(lines * ((size_t)p.k_len + 1) * f);
+        w.stats_part = take(rows * (size_t)l.n_split * 2 * f);
     } else if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE) {
         w.row_m = take(lines * l.nq * f);
         w.row_l = take(lines * l.nq * f);
@@ -500,8 +503,9 @@ int max_dynamic_smem() {
 }
 
 // Static shared memory of the kernels that also take dynamic shared memory (upper bounds).
-constexpr int kSelectStaticSmem = 4 * 1024 + dhsa::route::kMaxHeadDim * 4;
-constexpr int kLinesStaticSmem = (int)sizeof(dhsa::route::TileSmem) + 64 * 65 * 4 + 1024;
+constexpr int kSelectStaticSmem =
+    4 * 1024 + dhsa::route::kMaxSelectRows * dhsa::route::kMaxHeadDim * 4;
+constexpr int kLinesStaticSmem = (int)sizeof(dhsa::route::MmaTileSmem) + 64 * 65 * 4 + 1024;
 
 template <typename Kernel>
 int set_smem(Kernel kernel, int bytes, const char* what) {
@@ -526,6 +530,38 @@ int launched(const char* what) {
         if (_st != DHSA_STATUS_OK) return _st;  \
     } while (0)
 
+// The two logits passes of vslash (row statistics, then line sums): on the tensor cores for fp16 /
+// bf16 with D % 16 == 0 and 16-byte aligned q / k, else on the CUDA cores (fp32, and
+// DHSA_ROUTE_LOGITS=fp32 in the environment, which forces the CUDA-core path for comparisons).
+bool route_fp32_logits_forced() {
+    const char* env = std::getenv("DHSA_ROUTE_LOGITS");
+    return env != nullptr && std::strcmp(env, "fp32") == 0;
+}
+
+template <typename T, bool MMA>
+int vslash_logits_as(const dhsa::route::RouteArgs& a, long long stats_x, int wbytes, cudaStream_t stream) {
+    namespace rt = dhsa::route;
+    rt::route_vslash_stats_kernel<T, MMA><<<dim3((unsigned)stats_x, (unsigned)a.hq, (unsigned)a.batch), 256, 0,
+                                            stream>>>(a);
+    DHSA_TRY(launched("vslash stats"));
+    rt::route_vslash_stats_merge_kernel<<<(unsigned)ceil_div_ll((long long)a.batch * a.hq * a.n_last, 256), 256, 0,
+                                          stream>>>(a);
+    DHSA_TRY(launched("vslash stats merge"));
+    DHSA_TRY(set_smem(rt::route_vslash_lines_kernel<T, MMA>, wbytes, "vslash lines"));
+    rt::route_vslash_lines_kernel<T, MMA><<<dim3((unsigned)a.n_kt, (unsigned)a.hr, (unsigned)a.batch), 256, wbytes,
+                                            stream>>>(a);
+    return launched("vslash lines");
+}
+
+template <typename T>
+int vslash_logits(const dhsa::route::RouteArgs& a, long long stats_x, int wbytes, cudaStream_t stream) {
+    if constexpr (!std::is_same<T, float>::value) {
+        if (a.d % 16 == 0 && aligned16(a.q) && aligned16(a.k) && !route_fp32_logits_forced())
+            return vslash_logits_as<T, true>(a, stats_x, wbytes, stream);
+    }
+    return vslash_logits_as<T, false>(a, stats_x, wbytes, stream);
+}
+
 template <typename T>
 int route_launch(const dhsa::route::RouteArgs& a, const RoutePlan& l, cudaStream_t stream) {
     namespace rt = dhsa::route;
@@ -539,18 +575,16 @@ int route_launch(const dhsa::route::RouteArgs& a, const RoutePlan& l, cudaStream
     }
     const int smem_limit = max_dynamic_smem();
     if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH) {
-        rt::route_vslash_stats_kernel<T><<<dim3((unsigned)ceil_div_ll(a.n_last, rt::kTile), (unsigned)a.hq,
-                                               (unsigned)a.batch), 256, 0, stream>>>(a);
-        DHSA_TRY(launched("vslash stats"));
+        const long long stats_x = ceil_div_ll(a.n_last, rt::kTile) * a.n_split;
+        if (stats_x > 0x7fffffffll)
+            return fail(DHSA_STATUS_UNSUPPORTED, "Route: Lk %d too long for the vslash statistics grid", a.lk);
         const int wbytes = (a.n_last + rt::kTile - 1) * (int)sizeof(float);
         if (wbytes + kLinesStaticSmem > smem_limit)
             return fail(DHSA_STATUS_UNSUPPORTED,
                         "Route: q_block %d needs %d bytes of shared memory for the vslash lines; the "
                         "device allows %d: use a smaller q_block",
                         a.q_block, wbytes + kLinesStaticSmem, smem_limit);
-        DHSA_TRY(set_smem(rt::route_vslash_lines_kernel<T>, wbytes, "vslash lines"));
-        rt::route_vslash_lines_kernel<T><<<dim3((unsigned)a.n_kt, (unsigned)a.hr, (unsigned)a.batch), 256, wbytes, stream>>>(a);
-        DHSA_TRY(launched("vslash lines"));
+        DHSA_TRY(vslash_logits<T>(a, stats_x, wbytes, stream));
         rt::route_vslash_slash_reduce_kernel<<<dim3((unsigned)ceil_div_ll(a.lk, 256), (unsigned)a.hr, (unsigned)a.batch), 256, 0, stream>>>(a);
         DHSA_TRY(launched("vslash slash reduce"));
         rt::route_top_lines_kernel<<<dim3(2, (unsigned)a.hr, (unsigned)a.batch), 1024, 0, stream>>>(a);
@@ -570,14 +604,24 @@ int route_launch(const dhsa::route::RouteArgs& a, const RoutePlan& l, cudaStream
         rt::route_top_lines_kernel<<<dim3(2, (unsigned)a.hr, (unsigned)a.batch), 1024, 0, stream>>>(a);
         DHSA_TRY(launched("top lines"));
     }
-    const int bytes = a.nc * (int)sizeof(float);
-    if (bytes + kSelectStaticSmem > smem_limit)
+    const int row_bytes = a.nc * (int)sizeof(float);
+    if (row_bytes + kSelectStaticSmem > smem_limit)
         return fail(DHSA_STATUS_UNSUPPORTED,
                     "Route: %d chunks need %d bytes of shared memory per row; the device allows %d: "
                     "use a larger k_block (or longer chunks)",
-                    a.nc, bytes + kSelectStaticSmem, smem_limit);
+                    a.nc, row_bytes + kSelectStaticSmem, smem_limit);
+    // dynamic / mass reads every key per row: several query blocks per CTA share those reads
+    dhsa::route::RouteArgs sa = a;
+    sa.select_rows = 1;
+    if (a.pattern == DHSA_ROUTE_PATTERN_DYNAMIC && a.chunk_score == DHSA_ROUTE_CHUNK_SCORE_MASS) {
+        const int fit = (smem_limit - kSelectStaticSmem) / row_bytes;
+        sa.select_rows = fit < rt::kMaxSelectRows ? fit : rt::kMaxSelectRows;
+        if (sa.select_rows < 1) sa.select_rows = 1;
+    }
+    const int bytes = sa.select_rows * row_bytes;
     DHSA_TRY(set_smem(rt::route_select_kernel<T>, bytes, "selection"));
-    rt::route_select_kernel<T><<<dim3((unsigned)a.nq, (unsigned)a.hr, (unsigned)a.batch), rt::kSelectThreads, bytes, stream>>>(a);
+    rt::route_select_kernel<T><<<dim3((unsigned)ceil_div_ll(a.nq, sa.select_rows), (unsigned)a.hr, (unsigned)a.batch),
+                                 rt::kSelectThreads, bytes, stream>>>(sa);
     DHSA_TRY(launched("selection"));
     return DHSA_STATUS_OK;
 }
@@ -761,6 +805,7 @@ int dhsa_route_forward(const DhsaRouteParams* params, void* workspace, size_t wo
     if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH) {
         a.v_prefix = fptr(w.v_prefix);
         a.s_prefix = fptr(w.s_prefix);
+        a.stats_part = fptr(w.stats_part);
     }
     if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE) a.vert_part = fptr(w.vert_part);
     a.batch = p.batch;
@@ -793,6 +838,8 @@ int dhsa_route_forward(const DhsaRouteParams* params, void* workspace, size_t wo
     a.line_len = l.line_len;
     a.n_kt = l.n_kt;
     a.row_tiles = l.row_tiles;
+    a.n_split = l.n_split;
+    a.select_rows = 1;
     a.root = (float)std::sqrt((double)p.head_dim);
     cudaError_t e = cudaMemsetAsync(a.flag, 0, sizeof(int32_t), stream);
     if (e != cudaSuccess)

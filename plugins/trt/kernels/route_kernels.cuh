@@ -7,13 +7,14 @@
 //                         outputs are then written empty (count 0, indices -1); nothing out of bounds.
 //   route_query_means     qm [B, Hr, nQ, D]: block means of the queries, averaged over the head group.
 //   route_key_means       km [B, Hkv, nC, D]: chunk means of the keys (x sqrt(length) for dynamic/mean).
-//   vslash:       route_vslash_stats (row max / sum of the exact softmax of the last q_block queries),
+//   vslash:       route_vslash_stats + _merge (row max / sum of the exact softmax of the last q_block
+//                 queries, split over key ranges of kStatsSplit, merged in split order),
 //                 route_vslash_lines (vertical sums per key, slash sums per offset in windows per key
 //                 tile), route_vslash_slash_reduce, route_top_lines (top lines + prefix sums).
 //   vslash_blockwise: route_blockwise_lines (block-level softmax per row, vertical / slash partial
 //                 sums per tile of rows), route_blockwise_reduce, route_top_lines.
-//   route_select          one CTA per (batch, routing head, query block): the row's rank in shared
-//                         memory, forced chunks, the budget filled in rank order by a radix select
+//   route_select          one CTA per (batch, routing head, select_rows query blocks; 1 but for
+//                         dynamic/mass): the rows' ranks in shared memory, forced chunks, the budget filled in rank order by a radix select
 //                         (ties to the lower chunk index, as the stable sort of the reference), then
 //                         the ascending indices compacted with a block scan.
 // Every reduction has a fixed order (no float atomics), so the output is deterministic.
@@ -22,6 +23,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "block_sparse_attention.cuh"  // dhsa::Mma (mma.sync m16n8k16)
 
 namespace dhsa {
 namespace route {
@@ -33,6 +36,8 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kTile = 64;           // rows / keys of a logits tile (vslash)
 constexpr int kBlockwiseRows = 16;  // query blocks per CTA of route_blockwise_lines
+constexpr int kStatsSplit = 1024;   // keys per CTA of route_vslash_stats
+constexpr int kMaxSelectRows = 8;   // query blocks per CTA of route_select (dynamic / mass)
 constexpr int kFlagBadOffsets = 8;  // DHSA_FLAG_BAD_CHUNK_OFFSETS
 
 struct RouteArgs {
@@ -53,13 +58,15 @@ struct RouteArgs {
     float* vert_part;          // blockwise [B, Hr, tiles, nC]
     float* v_prefix;           // vslash [B, Hr, Lk + 1]
     float* s_prefix;
+    float* stats_part;         // vslash [B, Hq, n_last, n_split, 2]
     int batch, hq, hkv, hr, lq, lk, d, nq, nc, w;
     int q_block, k_block, head_group, kv_ratio, q_offset;
     int pattern, chunk_score, variable, length_normalized;
     int sink_tokens, local_tokens, instruction_tokens;
     long long budget;   // blocks, or tokens for dynamic
     long long dense_first;  // vslash: rows < dense_first are dense
-    int n_last, n_vertical, n_slash, line_len, n_kt, row_tiles;
+    int n_last, n_vertical, n_slash, line_len, n_kt, row_tiles, n_split;
+    int select_rows;    // query blocks per CTA of route_select
     float root;         // (float)sqrt(D)
 };
 
@@ -341,21 +348,43 @@ __global__ void route_key_means_kernel(RouteArgs a) {
 }
 
 // ------------------------------------------------------------------------------ vslash lines
-// 64 x 64 logits tile (fp32) of query rows `qrows` (nrows valid) against keys `krows` (nkeys valid),
-// both row-major with row length d; thread (ty, tx) of 16 x 16 holds rows ty*4.., keys tx*4...
+// 64 x 64 logits tiles (query rows x keys, fp32 results) for 256 threads, two ways:
+//  - CUDA cores (any dtype, any D): thread (ty, tx) of 16 x 16 holds rows ty*4 + r, keys tx*4 + c;
+//  - tensor cores (fp16 / bf16, D % 16 == 0, 16-byte aligned rows): mma.sync m16n8k16, warp w holds
+//    rows (w >> 1) * 16 + g (+ 8), keys (w & 1) * 32 + nb * 8 + 2 t (+ 1), g = lane / 4, t = lane % 4.
+// Either way a thread holds 16 values v[i]; tile_row / tile_col say where value i sits.
 struct TileSmem {
     float a[32][kTile + 4];
     float b[32][kTile + 4];
 };
 
+struct MmaTileSmem {
+    uint16_t q[kTile][72];  // 64 halves of D + 8 of padding: fragment loads hit 32 distinct banks
+    uint16_t k[kTile][72];
+};
+
+template <bool MMA>
+__device__ __forceinline__ int tile_row(int i) {
+    const int tid = threadIdx.x, lane = tid & 31;
+    return MMA ? (tid >> 6) * 16 + (lane >> 2) + 8 * ((i >> 1) & 1) : (tid >> 4) * 4 + (i >> 2);
+}
+
+template <bool MMA>
+__device__ __forceinline__ int tile_col(int i) {
+    const int tid = threadIdx.x, lane = tid & 31;
+    return MMA ? ((tid >> 5) & 1) * 32 + (i >> 2) * 8 + 2 * (lane & 3) + (i & 1) : (tid & 15) * 4 + (i & 3);
+}
+
+// Row slot of value i among the thread's rows (4 rows on CUDA cores, 2 on tensor cores).
+template <bool MMA>
+__device__ __forceinline__ int tile_slot(int i) { return MMA ? (i >> 1) & 1 : i >> 2; }
+
 template <typename T>
-__device__ void logits_tile(const T* qrows, int nrows, const T* krows, int nkeys, int d,
-                            TileSmem& sm, float (&acc)[4][4]) {
+__device__ void logits_tile_fp32(const T* qrows, int nrows, const T* krows, int nkeys, int d,
+                                 TileSmem& sm, float (&v)[16]) {
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] = 0.f;
+    for (int i = 0; i < 16; ++i) v[i] = 0.f;
     for (int d0 = 0; d0 < d; d0 += 32) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -372,83 +401,195 @@ __device__ void logits_tile(const T* qrows, int nrows, const T* krows, int nkeys
 #pragma unroll
             for (int r = 0; r < 4; ++r)
 #pragma unroll
-                for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(xa[r], ya[c], acc[r][c]);
+                for (int c = 0; c < 4; ++c) v[r * 4 + c] = fmaf(xa[r], ya[c], v[r * 4 + c]);
         }
         __syncthreads();
     }
 }
 
-// Row max / sum of exp of the causal softmax of the last n_last queries of every query head.
-// grid (ceil(n_last / 64), Hq, B), 256 threads.
 template <typename T>
+__device__ void logits_tile_mma(const T* qrows, int nrows, const T* krows, int nkeys, int d,
+                                MmaTileSmem& sm, float (&v)[16]) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int wr = warp >> 1, wc = warp & 1;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = 0.f;
+    for (int d0 = 0; d0 < d; d0 += 64) {
+        const int dw = min(64, d - d0);  // a multiple of 16
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {  // 64 rows x 8 chunks of 16 bytes, for q and for k
+            const int e = tid + 256 * j, row = e >> 3, ch = e & 7;
+            uint4 qv = make_uint4(0, 0, 0, 0), kv = make_uint4(0, 0, 0, 0);
+            if (ch * 8 < dw) {
+                if (row < nrows) qv = *reinterpret_cast<const uint4*>(qrows + (long long)row * d + d0 + ch * 8);
+                if (row < nkeys) kv = *reinterpret_cast<const uint4*>(krows + (long long)row * d + d0 + ch * 8);
+            }
+            *reinterpret_cast<uint4*>(&sm.q[row][ch * 8]) = qv;
+            *reinterpret_cast<uint4*>(&sm.k[row][ch * 8]) = kv;
+        }
+        __syncthreads();
+        for (int ks = 0; ks < dw; ks += 16) {
+            uint32_t a[4];
+            a[0] = *reinterpret_cast<const uint32_t*>(&sm.q[wr * 16 + g][ks + 2 * t]);
+            a[1] = *reinterpret_cast<const uint32_t*>(&sm.q[wr * 16 + g + 8][ks + 2 * t]);
+            a[2] = *reinterpret_cast<const uint32_t*>(&sm.q[wr * 16 + g][ks + 2 * t + 8]);
+            a[3] = *reinterpret_cast<const uint32_t*>(&sm.q[wr * 16 + g + 8][ks + 2 * t + 8]);
+#pragma unroll
+            for (int nb = 0; nb < 4; ++nb) {
+                const int n = wc * 32 + nb * 8 + g;
+                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&sm.k[n][ks + 2 * t]);
+                const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&sm.k[n][ks + 2 * t + 8]);
+                float c[4] = {v[nb * 4], v[nb * 4 + 1], v[nb * 4 + 2], v[nb * 4 + 3]};
+                Mma<T>::run(c, a, b0, b1);
+                v[nb * 4] = c[0];
+                v[nb * 4 + 1] = c[1];
+                v[nb * 4 + 2] = c[2];
+                v[nb * 4 + 3] = c[3];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+template <typename T, bool MMA>
+struct LogitsTile {
+    using Smem = TileSmem;
+    __device__ static void run(const T* q, int nrows, const T* k, int nkeys, int d, Smem& sm, float (&v)[16]) {
+        logits_tile_fp32(q, nrows, k, nkeys, d, sm, v);
+    }
+};
+
+template <typename T>
+struct LogitsTile<T, true> {
+    using Smem = MmaTileSmem;
+    __device__ static void run(const T* q, int nrows, const T* k, int nkeys, int d, Smem& sm, float (&v)[16]) {
+        logits_tile_mma(q, nrows, k, nkeys, d, sm, v);
+    }
+};
+
+// Row max / sum of exp of the causal softmax of the last n_last queries of every query head, over one
+// split of kStatsSplit keys: partial (max, sum) pairs in stats_part [B, Hq, n_last, n_split].
+// grid (row_tiles * n_split, Hq, B), 256 threads.
+template <typename T, bool MMA>
 __global__ void __launch_bounds__(256, 2) route_vslash_stats_kernel(RouteArgs a) {
-    __shared__ TileSmem sm;
-    const int h = blockIdx.y, b = blockIdx.z, j0 = blockIdx.x * kTile;
-    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    using Tile = LogitsTile<T, MMA>;
+    constexpr int kSlots = MMA ? 2 : 4;
+    __shared__ typename Tile::Smem sm;
+    __shared__ float merge_ml[2][kTile][2];
+    const int row_tiles = (a.n_last + kTile - 1) / kTile;
+    const int rt = blockIdx.x % row_tiles, split = blockIdx.x / row_tiles;
+    const int h = blockIdx.y, b = blockIdx.z, j0 = rt * kTile;
     const int kv = h / a.kv_ratio;
     const int rows = min(kTile, a.n_last - j0);
     const T* q = static_cast<const T*>(a.q) + (((long long)b * a.hq + h) * a.lq + (a.lq - a.n_last + j0)) * a.d;
     const T* kbase = static_cast<const T*>(a.k) + (((long long)b * a.hkv + kv) * a.lk) * a.d;
     const long long pos0 = (long long)a.lk - a.n_last + j0;  // key position of row j0
     const long long pos_max = pos0 + rows - 1;
-    float m[4], l[4];
+    const long long k_begin = (long long)split * kStatsSplit;
+    const long long k_end = min(min(k_begin + kStatsSplit, (long long)a.lk), pos_max + 1);
+    float m[kSlots], l[kSlots];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) { m[r] = -INFINITY; l[r] = 0.f; }
-    float acc[4][4];
-    for (long long k0 = 0; k0 <= pos_max && k0 < a.lk; k0 += kTile) {
-        const int nkeys = (int)min((long long)kTile, a.lk - k0);
-        logits_tile(q, rows, kbase + k0 * a.d, nkeys, a.d, sm, acc);
+    for (int r = 0; r < kSlots; ++r) { m[r] = -INFINITY; l[r] = 0.f; }
+    float v[16];
+    for (long long k0 = k_begin; k0 < k_end; k0 += kTile) {
+        const int nkeys = (int)min((long long)kTile, k_end - k0);
+        Tile::run(q, rows, kbase + k0 * a.d, nkeys, a.d, sm, v);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int jr = ty * 4 + r;
-            const long long pos = pos0 + jr;
-            float x[4], tm = -INFINITY;
+        for (int i = 0; i < 16; ++i) {
+            const int jr = tile_row<MMA>(i);
+            const long long key = k0 + tile_col<MMA>(i);
+            const bool ok = jr < rows && key < k_end && key <= pos0 + jr;
+            v[i] = ok ? v[i] / a.root : -INFINITY;
+        }
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const long long key = k0 + tx * 4 + c;
-                const bool ok = jr < rows && key < a.lk && key <= pos;
-                x[c] = ok ? acc[r][c] / a.root : -INFINITY;
-                tm = fmaxf(tm, x[c]);
-            }
+        for (int sl = 0; sl < kSlots; ++sl) {
+            float tm = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < 16; ++i)
+                if (tile_slot<MMA>(i) == sl) tm = fmaxf(tm, v[i]);
             if (tm == -INFINITY) continue;
-            const float mn = fmaxf(m[r], tm);
-            float s = l[r] * expf(m[r] - mn);
+            const float mn = fmaxf(m[sl], tm);
+            float sum = l[sl] * expf(m[sl] - mn);
 #pragma unroll
-            for (int c = 0; c < 4; ++c) s += x[c] == -INFINITY ? 0.f : expf(x[c] - mn);
-            l[r] = s;
-            m[r] = mn;
+            for (int i = 0; i < 16; ++i)
+                if (tile_slot<MMA>(i) == sl && v[i] != -INFINITY) sum += expf(v[i] - mn);
+            l[sl] = sum;
+            m[sl] = mn;
         }
     }
+    // merge the threads of a row: 16 lanes (CUDA cores); 4 lanes, then the 2 warps (tensor cores)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int sl = 0; sl < kSlots; ++sl) {
 #pragma unroll
-        for (int o = 8; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m[r], o);
-            const float l2 = __shfl_xor_sync(0xffffffffu, l[r], o);
-            const float mn = fmaxf(m[r], m2);
-            const float s1 = m[r] == -INFINITY ? 0.f : l[r] * expf(m[r] - mn);
+        for (int o = MMA ? 2 : 8; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[sl], o);
+            const float l2 = __shfl_xor_sync(0xffffffffu, l[sl], o);
+            const float mn = fmaxf(m[sl], m2);
+            const float s1 = m[sl] == -INFINITY ? 0.f : l[sl] * expf(m[sl] - mn);
             const float s2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
-            m[r] = mn;
-            l[r] = s1 + s2;
-        }
-        const int jr = ty * 4 + r;
-        if (tx == 0 && jr < rows) {
-            const long long o = ((long long)b * a.hq + h) * a.n_last + j0 + jr;
-            a.row_m[o] = m[r];
-            a.row_l[o] = l[r];
+            m[sl] = mn;
+            l[sl] = s1 + s2;
         }
     }
+    auto store = [&](int jr, float mm, float ll) {
+        if (jr < rows) {
+            const long long o = (((long long)b * a.hq + h) * a.n_last + j0 + jr) * a.n_split + split;
+            a.stats_part[2 * o] = mm;
+            a.stats_part[2 * o + 1] = ll;
+        }
+    };
+    if (!MMA) {
+        if ((threadIdx.x & 15) == 0)
+#pragma unroll
+            for (int sl = 0; sl < kSlots; ++sl) store(tile_row<MMA>(sl * 4), m[sl], l[sl]);
+        return;
+    }
+    const int wc = (threadIdx.x >> 5) & 1;
+    if ((threadIdx.x & 3) == 0)
+#pragma unroll
+        for (int sl = 0; sl < kSlots; ++sl) {
+            merge_ml[wc][tile_row<MMA>(sl * 2)][0] = m[sl];
+            merge_ml[wc][tile_row<MMA>(sl * 2)][1] = l[sl];
+        }
+    __syncthreads();
+    if (threadIdx.x < kTile) {
+        const int jr = threadIdx.x;
+        float mm = merge_ml[0][jr][0], ll = merge_ml[0][jr][1];
+        const float m2 = merge_ml[1][jr][0], l2 = merge_ml[1][jr][1];
+        const float mn = fmaxf(mm, m2);
+        const float s1 = mm == -INFINITY ? 0.f : ll * expf(mm - mn);
+        const float s2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
+        store(jr, mn, s1 + s2);
+    }
+}
+
+// Merge the key splits' (max, sum) pairs of every row in split order -> row_m, row_l.
+__global__ void route_vslash_stats_merge_kernel(RouteArgs a) {
+    const long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= (long long)a.batch * a.hq * a.n_last) return;
+    float m = -INFINITY, l = 0.f;
+    for (int s = 0; s < a.n_split; ++s) {
+        const float m2 = a.stats_part[2 * (row * a.n_split + s)];
+        const float l2 = a.stats_part[2 * (row * a.n_split + s) + 1];
+        if (m2 == -INFINITY) continue;
+        const float mn = fmaxf(m, m2);
+        l = (m == -INFINITY ? 0.f : l * expf(m - mn)) + l2 * expf(m2 - mn);
+        m = mn;
+    }
+    a.row_m[row] = m;
+    a.row_l[row] = l;
 }
 
 // Vertical sums per key and slash sums per offset (window of n_last + 63 offsets per key tile) of
 // the group-mean probabilities. grid (n_kt, Hr, B), 256 threads, dynamic smem: window floats.
-template <typename T>
+template <typename T, bool MMA>
 __global__ void __launch_bounds__(256, 2) route_vslash_lines_kernel(RouteArgs a) {
-    __shared__ TileSmem sm;
+    using Tile = LogitsTile<T, MMA>;
+    __shared__ typename Tile::Smem sm;
     __shared__ float ptile[kTile][kTile + 1];
     extern __shared__ float window[];  // n_last + 63
     const int tile = blockIdx.x, r = blockIdx.y, b = blockIdx.z;
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int tid = threadIdx.x;
     const long long k0 = (long long)tile * kTile;
     const int nkeys = (int)min((long long)kTile, a.lk - k0);
     const int wlen = a.n_last + kTile - 1;
@@ -457,38 +598,30 @@ __global__ void __launch_bounds__(256, 2) route_vslash_lines_kernel(RouteArgs a)
     float vsum = 0.f;
     const T* kbase = static_cast<const T*>(a.k) + (((long long)b * a.hkv + kv) * a.lk + k0) * a.d;
     __syncthreads();
-    float acc[4][4], p[4][4];
+    float v[16], p[16];
     for (int j0 = 0; j0 < a.n_last; j0 += kTile) {
         const long long pos0 = (long long)a.lk - a.n_last + j0;
         const int rows = min(kTile, a.n_last - j0);
         if (k0 > pos0 + rows - 1) continue;  // the whole tile is in these queries' future (uniform)
 #pragma unroll
-        for (int rr = 0; rr < 4; ++rr)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) p[rr][c] = 0.f;
+        for (int i = 0; i < 16; ++i) p[i] = 0.f;
         for (int j = 0; j < a.head_group; ++j) {
             const int h = r * a.head_group + j;
             const T* q = static_cast<const T*>(a.q) + (((long long)b * a.hq + h) * a.lq + (a.lq - a.n_last + j0)) * a.d;
-            logits_tile(q, rows, kbase, nkeys, a.d, sm, acc);
+            Tile::run(q, rows, kbase, nkeys, a.d, sm, v);
 #pragma unroll
-            for (int rr = 0; rr < 4; ++rr) {
-                const int jr = ty * 4 + rr;
-                if (jr >= rows) continue;
-                const long long o = ((long long)b * a.hq + h) * a.n_last + j0 + jr;
-                const float mm = a.row_m[o], ll = a.row_l[o];
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const long long key = k0 + tx * 4 + c;
-                    if (key < a.lk && key <= pos0 + jr) p[rr][c] += expf(acc[rr][c] / a.root - mm) / ll;
+            for (int i = 0; i < 16; ++i) {
+                const int jr = tile_row<MMA>(i);
+                const long long key = k0 + tile_col<MMA>(i);
+                if (jr < rows && key < a.lk && key <= pos0 + jr) {
+                    const long long o = ((long long)b * a.hq + h) * a.n_last + j0 + jr;
+                    p[i] += expf(v[i] / a.root - a.row_m[o]) / a.row_l[o];
                 }
             }
         }
 #pragma unroll
-        for (int rr = 0; rr < 4; ++rr)
-#pragma unroll
-            for (int c = 0; c < 4; ++c)
-                ptile[ty * 4 + rr][tx * 4 + c] =
-                    a.head_group > 1 ? p[rr][c] / (float)a.head_group : p[rr][c];
+        for (int i = 0; i < 16; ++i)
+            ptile[tile_row<MMA>(i)][tile_col<MMA>(i)] = a.head_group > 1 ? p[i] / (float)a.head_group : p[i];
         __syncthreads();
         if (tid < kTile)
             for (int jr = 0; jr < kTile; ++jr) vsum += ptile[jr][tid];
@@ -674,160 +807,219 @@ __device__ __forceinline__ float line_rank(float lines, float fallback) {
     return lines > 0.f ? 1.0f + lines : fminf(fmaxf(fallback, 0.f), 0.999f);
 }
 
-// One CTA per (query block i, routing head r, batch b); dynamic smem: nC floats (the rank row).
+// dynamic / mass: rank[rr][c] = log mean_{j in c} exp(qm_rr . k_j / sqrt(D)) for the CTA's rows
+// (qs [kMaxSelectRows][kMaxHeadDim], unused rows zero) and the chunks c < vis: a warp per chunk,
+// lanes over the chunk's tokens, every key row loaded once for all the rows.
+template <typename T>
+__device__ void mass_rank_rows(const RouteArgs& a, const Geo& g, const T* kb,
+                               const float (*qs)[kMaxHeadDim], int nrows, int vis, float* rank) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int d4 = a.d & ~3;
+    for (int c = warp; c < vis; c += nwarps) {
+        const long long s0 = g.start(c), s1 = g.end(c);
+        float m[kMaxSelectRows], l[kMaxSelectRows];
+#pragma unroll
+        for (int r = 0; r < kMaxSelectRows; ++r) { m[r] = -INFINITY; l[r] = 0.f; }
+        for (long long t = s0 + lane; t < s1; t += 32) {
+            const T* row = kb + t * a.d;
+            float acc[kMaxSelectRows];
+#pragma unroll
+            for (int r = 0; r < kMaxSelectRows; ++r) acc[r] = 0.f;
+            for (int e = 0; e < d4; e += 4) {
+                const float k0 = to_f(row[e]), k1 = to_f(row[e + 1]), k2 = to_f(row[e + 2]), k3 = to_f(row[e + 3]);
+#pragma unroll
+                for (int r = 0; r < kMaxSelectRows; ++r) {
+                    const float4 qv = *reinterpret_cast<const float4*>(&qs[r][e]);
+                    acc[r] = fmaf(qv.x, k0, acc[r]);
+                    acc[r] = fmaf(qv.y, k1, acc[r]);
+                    acc[r] = fmaf(qv.z, k2, acc[r]);
+                    acc[r] = fmaf(qv.w, k3, acc[r]);
+                }
+            }
+            for (int e = d4; e < a.d; ++e) {
+                const float kx = to_f(row[e]);
+#pragma unroll
+                for (int r = 0; r < kMaxSelectRows; ++r) acc[r] = fmaf(qs[r][e], kx, acc[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < kMaxSelectRows; ++r) {
+                const float x = acc[r] / a.root;
+                const float mn = fmaxf(m[r], x);
+                l[r] = (m[r] == -INFINITY ? 0.f : l[r] * expf(m[r] - mn)) + expf(x - mn);
+                m[r] = mn;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < kMaxSelectRows; ++r) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float m2 = __shfl_xor_sync(0xffffffffu, m[r], o);
+                const float l2 = __shfl_xor_sync(0xffffffffu, l[r], o);
+                const float mn = fmaxf(m[r], m2);
+                const float x1 = m[r] == -INFINITY ? 0.f : l[r] * expf(m[r] - mn);
+                const float x2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
+                m[r] = mn;
+                l[r] = x1 + x2;
+            }
+        }
+        if (lane == 0) {
+            const long long len = s1 - s0;
+#pragma unroll
+            for (int r = 0; r < kMaxSelectRows; ++r)
+                if (r < nrows)
+                    rank[(long long)r * a.nc + c] = len <= 0 ? -INFINITY : (logf(l[r]) + m[r]) - logf((float)len);
+        }
+    }
+}
+
+// One CTA per (select_rows query blocks from i0, routing head r, batch b); dynamic smem:
+// select_rows x nC floats (the rank rows). Ranks of all the rows first, then row by row: forced
+// chunks, the budget by radix select, ascending indices.
 template <typename T>
 __global__ void route_select_kernel(RouteArgs a) {
-    extern __shared__ float rank[];
-    __shared__ float qs[kMaxHeadDim];
-    const int i = blockIdx.x, r = blockIdx.y, b = blockIdx.z;
+    extern __shared__ float rank_rows[];
+    __shared__ __align__(16) float qs[kMaxSelectRows][kMaxHeadDim];
+    const int r = blockIdx.y, b = blockIdx.z;
+    const int i0 = blockIdx.x * a.select_rows, nrows = min(a.select_rows, a.nq - i0);
     const int nc = a.nc, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const long long line = (long long)b * a.hr + r;
-    int32_t* out = a.block_index + (line * a.nq + i) * (long long)nc;
-    int32_t* out_count = a.block_count + line * a.nq + i;
     if (a.bad_batch[b]) {
-        for (int c = tid; c < nc; c += blockDim.x) out[c] = -1;
-        if (tid == 0) *out_count = 0;
+        for (int rr = 0; rr < nrows; ++rr) {
+            int32_t* out = a.block_index + (line * a.nq + i0 + rr) * (long long)nc;
+            for (int c = tid; c < nc; c += blockDim.x) out[c] = -1;
+            if (tid == 0) a.block_count[line * a.nq + i0 + rr] = 0;
+        }
         return;
     }
     const Geo g = make_geo(a, b);
     const int kv = (r * a.head_group) / a.kv_ratio;
-    for (int e = tid; e < a.d; e += blockDim.x) qs[e] = a.qm[(line * a.nq + i) * a.d + e];
-    __syncthreads();
-    const long long last = g.last(i);
-    const int vis = count_starts_le(g, nc, last);  // causal chunks: [0, vis)
     const int pattern = a.pattern;
+    for (int e = tid; e < kMaxSelectRows * kMaxHeadDim; e += blockDim.x) {
+        const int rr = e / kMaxHeadDim, dd = e % kMaxHeadDim;
+        qs[rr][dd] = (rr < nrows && dd < a.d) ? a.qm[(line * a.nq + i0 + rr) * a.d + dd] : 0.f;
+    }
+    __syncthreads();
 
-    // ---- rank of the causal chunks
+    // ---- raw scores of the causal chunks of every row
     if (pattern == kPatternDynamic && a.chunk_score == kScoreMass) {
-        // log mean_{j in c} exp(qm . k_j / sqrt(D)): lanes over the chunk's tokens
         const T* kb = static_cast<const T*>(a.k) + (((long long)b * a.hkv + kv) * a.lk) * a.d;
-        for (int c = warp; c < vis; c += nwarps) {
-            const long long s0 = g.start(c), s1 = g.end(c);
-            float m = -INFINITY, l = 0.f;
-            for (long long t = s0 + lane; t < s1; t += 32) {
-                const T* row = kb + t * a.d;
-                float acc = 0.f;
-                for (int e = 0; e < a.d; ++e) acc = fmaf(qs[e], to_f(row[e]), acc);
-                const float x = acc / a.root;
-                const float mn = fmaxf(m, x);
-                l = (m == -INFINITY ? 0.f : l * expf(m - mn)) + expf(x - mn);
-                m = mn;
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-                const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
-                const float mn = fmaxf(m, m2);
-                const float x1 = m == -INFINITY ? 0.f : l * expf(m - mn);
-                const float x2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
-                m = mn;
-                l = x1 + x2;
-            }
-            if (lane == 0) {
-                const long long len = s1 - s0;
-                rank[c] = len <= 0 ? -INFINITY : (logf(l) + m) - logf((float)len);
-            }
-        }
+        const int vis_max = count_starts_le(g, nc, g.last(i0 + nrows - 1));
+        mass_rank_rows<T>(a, g, kb, qs, nrows, vis_max, rank_rows);
     } else {
         const float* km = a.km + (((long long)b * a.hkv + kv) * nc) * a.d;
-        for (int c = warp; c < vis; c += nwarps) {
-            const float s = warp_dot(qs, km + (long long)c * a.d, a.d) / a.root;
-            if (lane == 0) rank[c] = s;
-        }
-    }
-    __syncthreads();
-    if (pattern == kPatternVslash) {
-        const float* vp = a.v_prefix + line * (long long)(a.lk + 1);
-        const float* sp = a.s_prefix + line * (long long)(a.lk + 1);
-        const long long max_offset = (long long)a.lk - 1;
-        const long long first = g.first(i);
-        for (int c = tid; c < vis; c += blockDim.x) {
-            const long long s = g.start(c), e = g.end(c);
-            const float v_block = vp[e] - vp[s];
-            const long long o_min = min(max(first - (e - 1), 0ll), max_offset + 1);
-            const long long o_max = min(max(last - s, -1ll), max_offset);
-            float s_block = 0.f;
-            if (o_max >= o_min) s_block = sp[max(o_max + 1, 0ll)] - sp[min(o_min, max_offset + 1)];
-            const float sig = 1.f / (1.f + expf(-rank[c]));
-            rank[c] = line_rank(v_block + s_block, sig);
-        }
-    } else if (pattern == kPatternBlockwise) {
-        const float mx = a.row_m[line * a.nq + i], sum = a.row_l[line * a.nq + i];
-        const int diag = count_ends_le(g, nc, last);
-        const float* vert = a.vertical + line * a.line_len;
-        const float* sl = a.slash + line * a.line_len;
-        for (int c = tid; c < vis; c += blockDim.x) {
-            const float p = expf(rank[c] - mx) / sum;
-            rank[c] = line_rank(vert[c] + sl[max(0, diag - c)], p);
-        }
-    }
-    __syncthreads();
-
-    // ---- forced chunks, dense rows, budget
-    const bool sink_local = pattern == kPatternAshape || pattern == kPatternDynamic;
-    const bool weighted = pattern == kPatternDynamic;
-    bool dense = false;
-    if (pattern == kPatternVslash || pattern == kPatternBlockwise)
-        dense = (long long)i < a.dense_first || i == a.nq - 1;
-    else if (pattern == kPatternDynamic)
-        dense = min((long long)(i + 1) * a.q_block, (long long)a.lq) > (long long)a.lq - a.instruction_tokens;
-    auto forced = [&](int c) {
-        return sink_local ? (g.sink(i, c, a.sink_tokens) || g.local(i, c, a.local_tokens))
-                          : (g.sink(i, c, a.k_block) || g.diagonal(i, c));
-    };
-    auto weight = [&](int c) -> long long { return weighted ? g.end(c) - g.start(c) : 1; };
-    Cut cut{true, false, 0u, 0};
-    if (!dense) {
-        long long spent = 0;
-        for (int c = tid; c < vis; c += blockDim.x)
-            if (forced(c)) spent += weight(c);
-        __shared__ unsigned long long s_spent;
-        if (tid == 0) s_spent = 0;
-        __syncthreads();
-        atomicAdd(&s_spent, (unsigned long long)spent);
-        __syncthreads();
-        const long long room = a.budget - (long long)s_spent;
-        auto item = [&](int c, uint32_t* key, long long* wgt) {
-            if (forced(c)) return false;
-            *key = order_key(rank[c]);
-            *wgt = weight(c);
-            return true;
-        };
-        cut = radix_cut(item, vis, room);
-    }
-
-    // ---- compaction: ascending chunk ids, -1 padding
-    long long tie_carry = 0;
-    int out_carry = 0;
-    for (int base = 0; base < nc; base += blockDim.x) {
-        const int c = base + tid;
-        bool chosen = false, tie = false;
-        long long w = 0;
-        uint32_t key = 0;
-        if (c < vis) {
-            if (dense) {
-                chosen = true;
-            } else if (forced(c)) {
-                chosen = true;
-            } else if (!cut.none) {
-                key = order_key(rank[c]);
-                w = weight(c);
-                if (cut.all || key > cut.thr) chosen = true;
-                else if (key == cut.thr) tie = true;
+        for (int rr = 0; rr < nrows; ++rr) {
+            const int vis = count_starts_le(g, nc, g.last(i0 + rr));
+            for (int c = warp; c < vis; c += nwarps) {
+                const float s = warp_dot(qs[rr], km + (long long)c * a.d, a.d) / a.root;
+                if (lane == 0) rank_rows[(long long)rr * nc + c] = s;
             }
         }
-        // tie weights in index order (int64 carried across tiles; a tile's sum fits an int)
-        int tie_total;
-        const int tie_incl = block_scan_incl(tie ? (int)w : 0, &tie_total);
-        if (tie && tie_carry + tie_incl <= cut.rem) chosen = true;
-        tie_carry += tie_total;
-        int total;
-        const int pos = block_scan_incl(chosen ? 1 : 0, &total) - 1 + out_carry;
-        if (chosen) out[pos] = c;
-        out_carry += total;
     }
-    for (int c = out_carry + tid; c < nc; c += blockDim.x) out[c] = -1;
-    if (tid == 0) *out_count = out_carry;
+    __syncthreads();
+
+    for (int rr = 0; rr < nrows; ++rr) {
+        const int i = i0 + rr;
+        float* rank = rank_rows + (long long)rr * nc;
+        int32_t* out = a.block_index + (line * a.nq + i) * (long long)nc;
+        int32_t* out_count = a.block_count + line * a.nq + i;
+        const long long last = g.last(i);
+        const int vis = count_starts_le(g, nc, last);  // causal chunks: [0, vis)
+
+        // ---- rank of the line patterns from the raw scores
+        if (pattern == kPatternVslash) {
+            const float* vp = a.v_prefix + line * (long long)(a.lk + 1);
+            const float* sp = a.s_prefix + line * (long long)(a.lk + 1);
+            const long long max_offset = (long long)a.lk - 1;
+            const long long first = g.first(i);
+            for (int c = tid; c < vis; c += blockDim.x) {
+                const long long s = g.start(c), e = g.end(c);
+                const float v_block = vp[e] - vp[s];
+                const long long o_min = min(max(first - (e - 1), 0ll), max_offset + 1);
+                const long long o_max = min(max(last - s, -1ll), max_offset);
+                float s_block = 0.f;
+                if (o_max >= o_min) s_block = sp[max(o_max + 1, 0ll)] - sp[min(o_min, max_offset + 1)];
+                const float sig = 1.f / (1.f + expf(-rank[c]));
+                rank[c] = line_rank(v_block + s_block, sig);
+            }
+        } else if (pattern == kPatternBlockwise) {
+            const float mx = a.row_m[line * a.nq + i], sum = a.row_l[line * a.nq + i];
+            const int diag = count_ends_le(g, nc, last);
+            const float* vert = a.vertical + line * a.line_len;
+            const float* sl = a.slash + line * a.line_len;
+            for (int c = tid; c < vis; c += blockDim.x) {
+                const float p = expf(rank[c] - mx) / sum;
+                rank[c] = line_rank(vert[c] + sl[max(0, diag - c)], p);
+            }
+        }
+        __syncthreads();
+
+        // ---- forced chunks, dense rows, budget
+        const bool sink_local = pattern == kPatternAshape || pattern == kPatternDynamic;
+        const bool weighted = pattern == kPatternDynamic;
+        bool dense = false;
+        if (pattern == kPatternVslash || pattern == kPatternBlockwise)
+            dense = (long long)i < a.dense_first || i == a.nq - 1;
+        else if (pattern == kPatternDynamic)
+            dense = min((long long)(i + 1) * a.q_block, (long long)a.lq) > (long long)a.lq - a.instruction_tokens;
+        auto forced = [&](int c) {
+            return sink_local ? (g.sink(i, c, a.sink_tokens) || g.local(i, c, a.local_tokens))
+                              : (g.sink(i, c, a.k_block) || g.diagonal(i, c));
+        };
+        auto weight = [&](int c) -> long long { return weighted ? g.end(c) - g.start(c) : 1; };
+        Cut cut{true, false, 0u, 0};
+        if (!dense) {
+            long long spent = 0;
+            for (int c = tid; c < vis; c += blockDim.x)
+                if (forced(c)) spent += weight(c);
+            __shared__ unsigned long long s_spent;
+            if (tid == 0) s_spent = 0;
+            __syncthreads();
+            atomicAdd(&s_spent, (unsigned long long)spent);
+            __syncthreads();
+            const long long room = a.budget - (long long)s_spent;
+            auto item = [&](int c, uint32_t* key, long long* wgt) {
+                if (forced(c)) return false;
+                *key = order_key(rank[c]);
+                *wgt = weight(c);
+                return true;
+            };
+            cut = radix_cut(item, vis, room);
+        }
+
+        // ---- compaction: ascending chunk ids, -1 padding
+        long long tie_carry = 0;
+        int out_carry = 0;
+        for (int base = 0; base < nc; base += blockDim.x) {
+            const int c = base + tid;
+            bool chosen = false, tie = false;
+            long long w = 0;
+            uint32_t key = 0;
+            if (c < vis) {
+                if (dense) {
+                    chosen = true;
+                } else if (forced(c)) {
+                    chosen = true;
+                } else if (!cut.none) {
+                    key = order_key(rank[c]);
+                    w = weight(c);
+                    if (cut.all || key > cut.thr) chosen = true;
+                    else if (key == cut.thr) tie = true;
+                }
+            }
+            // tie weights in index order (int64 carried across tiles; a tile's sum fits an int)
+            int tie_total;
+            const int tie_incl = block_scan_incl(tie ? (int)w : 0, &tie_total);
+            if (tie && tie_carry + tie_incl <= cut.rem) chosen = true;
+            tie_carry += tie_total;
+            int total;
+            const int pos = block_scan_incl(chosen ? 1 : 0, &total) - 1 + out_carry;
+            if (chosen) out[pos] = c;
+            out_carry += total;
+        }
+        for (int c = out_carry + tid; c < nc; c += blockDim.x) out[c] = -1;
+        if (tid == 0) *out_count = out_carry;
+        __syncthreads();
+    }
 }
 
 }  // namespace route
