@@ -77,6 +77,14 @@ def test_route_attribute_fields_reject_unknown_strings():
         library.route_attribute_fields({**values, "chunk_score": "max"})
 
 
+def test_route_cuda_rejects_cpu_tensors_before_loading():
+    from dhsa_export.backends.torch_cuda import route_cuda
+
+    q, k = torch.zeros(1, 4, 64, 64), torch.zeros(1, 2, 64, 64)
+    with pytest.raises(DHSAError, match="q is on cpu; route_cuda needs CUDA tensors"):
+        route_cuda(q, k, DHSAConfig())
+
+
 def _loadable_library():
     """The kernel library when it is already built (never builds in a test: minutes of nvcc)."""
     path = os.environ.get("DHSA_KERNEL_LIBRARY")

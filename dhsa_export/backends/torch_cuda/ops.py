@@ -28,14 +28,19 @@ def _variant() -> int:
     return library.VARIANTS[name]
 
 
-def _check_inputs(q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_4d_cuda(tensors, dtypes, who: str, dtype_names: str) -> None:
+    """Every ``(name, tensor)`` a 4-D CUDA tensor of one of ``dtypes`` (messages name ``who``)."""
+    for name, t in tensors:
         if not t.is_cuda:
-            raise DHSAError(f"{name} is on {t.device}; the CUDA kernel needs CUDA tensors")
+            raise DHSAError(f"{name} is on {t.device}; {who} needs CUDA tensors")
         if t.dim() != 4:
             raise DHSAError(f"{name} has shape {tuple(t.shape)}; expected [B, H, L, D]")
-        if t.dtype not in _DTYPES:
-            raise DHSAError(f"{name} has dtype {t.dtype}; the CUDA kernel takes float16 or bfloat16")
+        if t.dtype not in dtypes:
+            raise DHSAError(f"{name} has dtype {t.dtype}; {who} takes {dtype_names}")
+
+
+def _check_inputs(q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block):
+    _check_4d_cuda((("q", q), ("k", k), ("v", v)), _DTYPES, "the CUDA kernel", "float16 or bfloat16")
     if not (q.dtype == k.dtype == v.dtype):
         raise DHSAError(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
     if not (q.device == k.device == v.device == block_index.device == block_count.device):
@@ -178,13 +183,7 @@ def route_cuda(q: torch.Tensor, k: torch.Tensor, cfg: DHSAConfig | dict,
     """
     from ...onnx.registry import route_attributes
 
-    for name, t in (("q", q), ("k", k)):
-        if not t.is_cuda:
-            raise DHSAError(f"{name} is on {t.device}; route_cuda needs CUDA tensors")
-        if t.dim() != 4:
-            raise DHSAError(f"{name} has shape {tuple(t.shape)}; expected [B, H, L, D]")
-        if t.dtype not in _ROUTE_DTYPES:
-            raise DHSAError(f"{name} has dtype {t.dtype}; route_cuda takes float16, bfloat16 or float32")
+    _check_4d_cuda((("q", q), ("k", k)), _ROUTE_DTYPES, "route_cuda", "float16, bfloat16 or float32")
     if q.dtype != k.dtype:
         raise DHSAError(f"q and k dtypes differ ({q.dtype}, {k.dtype}); cast them to one")
     if q.device != k.device:

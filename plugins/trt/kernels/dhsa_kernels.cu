@@ -507,9 +507,10 @@ constexpr int kSelectStaticSmem =
     4 * 1024 + dhsa::route::kMaxSelectRows * dhsa::route::kMaxHeadDim * 4;
 constexpr int kLinesStaticSmem = (int)sizeof(dhsa::route::MmaTileSmem) + 64 * 65 * 4 + 1024;
 
+// Always set: the 48 KB default limit counts static + dynamic shared memory together (48 KB of
+// dynamic memory plus the kernel's static arrays fails to launch without the attribute).
 template <typename Kernel>
 int set_smem(Kernel kernel, int bytes, const char* what) {
-    if (bytes <= 48 * 1024) return DHSA_STATUS_OK;
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess)
         return fail(DHSA_STATUS_CUDA_ERROR, "Route: cudaFuncSetAttribute(%s, %d bytes): %s", what,

@@ -113,24 +113,24 @@ __device__ __forceinline__ Geo make_geo(const RouteArgs& a, int b) {
     return g;
 }
 
-// Chunks whose start <= pos (starts never decrease): the causal chunks of a row are a prefix.
-__device__ int count_starts_le(const Geo& g, int nc, long long pos) {
+// Chunks whose start (ENDS = false) or end (ENDS = true) is <= pos; both never decrease. Starts: the
+// causal chunks of a row are the prefix [0, count). Ends: searchsorted(chunk ends, pos, right=True).
+template <bool ENDS>
+__device__ int count_bounds_le(const Geo& g, int nc, long long pos) {
     int lo = 0, hi = nc;
     while (lo < hi) {
         const int mid = (lo + hi) >> 1;
-        if (g.start(mid) <= pos) lo = mid + 1; else hi = mid;
+        if ((ENDS ? g.end(mid) : g.start(mid)) <= pos) lo = mid + 1; else hi = mid;
     }
     return lo;
 }
 
-// searchsorted(chunk ends, pos, right=True): chunks whose end <= pos.
-__device__ int count_ends_le(const Geo& g, int nc, long long pos) {
-    int lo = 0, hi = nc;
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (g.end(mid) <= pos) lo = mid + 1; else hi = mid;
-    }
-    return lo;
+__device__ __forceinline__ int count_starts_le(const Geo& g, int nc, long long pos) {
+    return count_bounds_le<false>(g, nc, pos);
+}
+
+__device__ __forceinline__ int count_ends_le(const Geo& g, int nc, long long pos) {
+    return count_bounds_le<true>(g, nc, pos);
 }
 
 // ------------------------------------------------------------------------------ block helpers
@@ -271,6 +271,26 @@ __device__ Cut radix_cut(Item item, int n, long long room) {
     cut.thr = prefix;
     cut.rem = rem;
     return cut;
+}
+
+// (m, l) <- the merge of two (max, sum of exp(x - max)) pairs; m == -inf is an empty pair.
+__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
+    const float mn = fmaxf(m, m2);
+    const float s1 = m == -INFINITY ? 0.f : l * expf(m - mn);
+    const float s2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
+    m = mn;
+    l = s1 + s2;
+}
+
+// merge_max_sum over the lanes that differ in the bits of FIRST, FIRST / 2, ..., 1 (xor tree).
+template <int FIRST>
+__device__ __forceinline__ void warp_merge_max_sum(float& m, float& l) {
+#pragma unroll
+    for (int o = FIRST; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+        merge_max_sum(m, l, m2, l2);
+    }
 }
 
 // Warp dot product of a shared fp32 row with a global fp32 row (lanes over D, fixed tree).
@@ -519,18 +539,7 @@ __global__ void __launch_bounds__(256, 2) route_vslash_stats_kernel(RouteArgs a)
     }
     // merge the threads of a row: 16 lanes (CUDA cores); 4 lanes, then the 2 warps (tensor cores)
 #pragma unroll
-    for (int sl = 0; sl < kSlots; ++sl) {
-#pragma unroll
-        for (int o = MMA ? 2 : 8; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m[sl], o);
-            const float l2 = __shfl_xor_sync(0xffffffffu, l[sl], o);
-            const float mn = fmaxf(m[sl], m2);
-            const float s1 = m[sl] == -INFINITY ? 0.f : l[sl] * expf(m[sl] - mn);
-            const float s2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
-            m[sl] = mn;
-            l[sl] = s1 + s2;
-        }
-    }
+    for (int sl = 0; sl < kSlots; ++sl) warp_merge_max_sum<MMA ? 2 : 8>(m[sl], l[sl]);
     auto store = [&](int jr, float mm, float ll) {
         if (jr < rows) {
             const long long o = (((long long)b * a.hq + h) * a.n_last + j0 + jr) * a.n_split + split;
@@ -555,11 +564,8 @@ __global__ void __launch_bounds__(256, 2) route_vslash_stats_kernel(RouteArgs a)
     if (threadIdx.x < kTile) {
         const int jr = threadIdx.x;
         float mm = merge_ml[0][jr][0], ll = merge_ml[0][jr][1];
-        const float m2 = merge_ml[1][jr][0], l2 = merge_ml[1][jr][1];
-        const float mn = fmaxf(mm, m2);
-        const float s1 = mm == -INFINITY ? 0.f : ll * expf(mm - mn);
-        const float s2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
-        store(jr, mn, s1 + s2);
+        merge_max_sum(mm, ll, merge_ml[1][jr][0], merge_ml[1][jr][1]);
+        store(jr, mm, ll);
     }
 }
 
@@ -569,12 +575,7 @@ __global__ void route_vslash_stats_merge_kernel(RouteArgs a) {
     if (row >= (long long)a.batch * a.hq * a.n_last) return;
     float m = -INFINITY, l = 0.f;
     for (int s = 0; s < a.n_split; ++s) {
-        const float m2 = a.stats_part[2 * (row * a.n_split + s)];
-        const float l2 = a.stats_part[2 * (row * a.n_split + s) + 1];
-        if (m2 == -INFINITY) continue;
-        const float mn = fmaxf(m, m2);
-        l = (m == -INFINITY ? 0.f : l * expf(m - mn)) + l2 * expf(m2 - mn);
-        m = mn;
+        merge_max_sum(m, l, a.stats_part[2 * (row * a.n_split + s)], a.stats_part[2 * (row * a.n_split + s) + 1]);
     }
     a.row_m[row] = m;
     a.row_l[row] = l;
@@ -850,18 +851,7 @@ __device__ void mass_rank_rows(const RouteArgs& a, const Geo& g, const T* kb,
             }
         }
 #pragma unroll
-        for (int r = 0; r < kMaxSelectRows; ++r) {
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float m2 = __shfl_xor_sync(0xffffffffu, m[r], o);
-                const float l2 = __shfl_xor_sync(0xffffffffu, l[r], o);
-                const float mn = fmaxf(m[r], m2);
-                const float x1 = m[r] == -INFINITY ? 0.f : l[r] * expf(m[r] - mn);
-                const float x2 = m2 == -INFINITY ? 0.f : l2 * expf(m2 - mn);
-                m[r] = mn;
-                l[r] = x1 + x2;
-            }
-        }
+        for (int r = 0; r < kMaxSelectRows; ++r) warp_merge_max_sum<16>(m[r], l[r]);
         if (lane == 0) {
             const long long len = s1 - s0;
 #pragma unroll
