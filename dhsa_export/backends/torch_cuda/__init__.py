@@ -1,6 +1,6 @@
 """CUDA backend: the kernels of ``plugins/trt/kernels`` built with nvcc on first use (cached by
 source hash), loaded with ctypes and exposed as the torch custom op
-``torch.ops.dhsa.block_sparse_attention``.
+``torch.ops.dhsa.block_sparse_attention``, and ``dhsa::Route`` in CUDA C++ (:func:`route_cuda`).
 
     from dhsa_export.backends.torch_cuda import dhsa_attention_cuda
     out = dhsa_attention_cuda(q, k, v, DHSAConfig())   # q [B, Hq, L, D], k/v [B, Hkv, L, D] on CUDA
@@ -17,6 +17,7 @@ from .ops import (
     launch,
     raise_on_error_flag,
     route_batch,
+    route_cuda,
     routing_function,
     selection_attention_cuda,
     selections_to_indices,
@@ -25,6 +26,6 @@ from .ops import (
 
 __all__ = [
     "block_sparse_attention_cuda", "build_library", "dhsa_attention_cuda", "is_plain_causal", "launch",
-    "library_path", "raise_on_error_flag", "route_batch", "routing_function", "selection_attention_cuda",
+    "library_path", "raise_on_error_flag", "route_batch", "route_cuda", "routing_function", "selection_attention_cuda",
     "selections_to_indices", "unavailable_reason",
 ]

@@ -11,13 +11,18 @@ from pathlib import Path
 from ...errors import DHSAError
 from .build import build_library
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 STATUS_OK = 0
 STATUS_INDEX_ERROR = 5
 
 DTYPE_FP16 = 0
 DTYPE_BF16 = 1
+DTYPE_FP32 = 2  # Route only
+
+# Route's string attributes as the header's enums (DHSA_ROUTE_PATTERN_*, DHSA_ROUTE_CHUNK_SCORE_*).
+ROUTE_PATTERNS = {"topk": 0, "ashape": 1, "vslash": 2, "vslash_blockwise": 3, "dynamic": 4}
+ROUTE_CHUNK_SCORES = {"mass": 0, "mean": 1}
 
 # "wgmma*": Hopper warpgroup-MMA kernels (compute capability 9.0 with an sm_90a build; "auto" picks
 # "wgmma" there); the others are mma.sync kernels for every target (see dhsa_kernels.h).
@@ -54,6 +59,56 @@ class DhsaBsaParams(ctypes.Structure):
     ]
 
 
+class DhsaRouteParams(ctypes.Structure):
+    """Mirror of ``DhsaRouteParams``: buffers and sizes, then the registry's Route attributes in
+    registry order under the same names (``pattern`` / ``chunk_score`` as their enum values)."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("key_chunk_offsets", ctypes.c_void_p),
+        ("block_index", ctypes.c_void_p),
+        ("block_count", ctypes.c_void_p),
+        ("batch", ctypes.c_int32),
+        ("num_q_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("q_len", ctypes.c_int32),
+        ("k_len", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("offsets_width", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("q_block", ctypes.c_int32),
+        ("k_block", ctypes.c_int32),
+        ("pattern", ctypes.c_int32),
+        ("density", ctypes.c_double),
+        ("head_group", ctypes.c_int32),
+        ("sink_tokens", ctypes.c_int32),
+        ("local_tokens", ctypes.c_int32),
+        ("instruction_tokens", ctypes.c_int32),
+        ("vslash_blockwise_above", ctypes.c_int32),
+        ("chunk_score", ctypes.c_int32),
+    ]
+
+    # Fields that are not Route attributes (buffers, sizes, element type).
+    PROBLEM_FIELDS = ("q", "k", "key_chunk_offsets", "block_index", "block_count", "batch", "num_q_heads",
+                      "num_kv_heads", "q_len", "k_len", "head_dim", "offsets_width", "dtype")
+
+
+def route_attribute_fields(attrs: dict) -> dict:
+    """Route node attributes (registry names) -> the ``DhsaRouteParams`` attribute fields."""
+    values = dict(attrs)
+    pattern, score = values["pattern"], values["chunk_score"]
+    if pattern not in ROUTE_PATTERNS:
+        raise DHSAError(f"Route pattern {pattern!r} is unknown to the CUDA kernels; use one of {', '.join(ROUTE_PATTERNS)}")
+    if score not in ROUTE_CHUNK_SCORES:
+        raise DHSAError(f"Route chunk_score {score!r} is unknown to the CUDA kernels; use one of "
+                        f"{', '.join(ROUTE_CHUNK_SCORES)}")
+    values["pattern"] = ROUTE_PATTERNS[pattern]
+    values["chunk_score"] = ROUTE_CHUNK_SCORES[score]
+    values["density"] = float(values["density"])
+    return values
+
+
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 
@@ -87,6 +142,15 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
                 f"DHSA kernel library {path} has ABI version {version}, this package needs {ABI_VERSION}; "
                 "delete the cached library to rebuild"
             )
+        route_params = ctypes.POINTER(DhsaRouteParams)
+        lib.dhsa_route_output_shape.restype = ctypes.c_int
+        lib.dhsa_route_output_shape.argtypes = [route_params] + [ctypes.POINTER(ctypes.c_int32)] * 3
+        lib.dhsa_route_workspace_size.restype = ctypes.c_int
+        lib.dhsa_route_workspace_size.argtypes = [route_params, ctypes.POINTER(ctypes.c_size_t)]
+        lib.dhsa_route_forward.restype = ctypes.c_int
+        lib.dhsa_route_forward.argtypes = [route_params, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        lib.dhsa_route_read_error_flag.restype = ctypes.c_int
+        lib.dhsa_route_read_error_flag.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
         _LIB = lib
         return lib
 
@@ -112,3 +176,26 @@ def forward(lib: ctypes.CDLL, params: DhsaBsaParams, workspace: int, workspace_b
 def read_error_flag(lib: ctypes.CDLL, workspace: int, stream: int) -> None:
     flag = ctypes.c_int32(0)
     check(lib, lib.dhsa_bsa_read_error_flag(workspace, stream, ctypes.byref(flag)), "block-sparse attention")
+
+
+def route_output_shape(lib: ctypes.CDLL, params: DhsaRouteParams) -> tuple[int, int, int]:
+    """``(Hr, nQ, nC)`` of Route's outputs (validates the parameters)."""
+    hr, nq, nc = ctypes.c_int32(0), ctypes.c_int32(0), ctypes.c_int32(0)
+    check(lib, lib.dhsa_route_output_shape(ctypes.byref(params), ctypes.byref(hr), ctypes.byref(nq), ctypes.byref(nc)),
+          "dhsa_route_output_shape")
+    return hr.value, nq.value, nc.value
+
+
+def route_workspace_size(lib: ctypes.CDLL, params: DhsaRouteParams) -> int:
+    size = ctypes.c_size_t(0)
+    check(lib, lib.dhsa_route_workspace_size(ctypes.byref(params), ctypes.byref(size)), "dhsa_route_workspace_size")
+    return int(size.value)
+
+
+def route_forward(lib: ctypes.CDLL, params: DhsaRouteParams, workspace: int, workspace_bytes: int, stream: int) -> None:
+    check(lib, lib.dhsa_route_forward(ctypes.byref(params), workspace, workspace_bytes, stream), "dhsa_route_forward")
+
+
+def route_read_error_flag(lib: ctypes.CDLL, workspace: int, stream: int) -> None:
+    flag = ctypes.c_int32(0)
+    check(lib, lib.dhsa_route_read_error_flag(workspace, stream, ctypes.byref(flag)), "Route")

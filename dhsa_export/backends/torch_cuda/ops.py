@@ -1,4 +1,5 @@
-"""PyTorch front of the CUDA kernels: the ``dhsa::block_sparse_attention`` custom op and
+"""PyTorch front of the CUDA kernels: the ``dhsa::block_sparse_attention`` custom op,
+:func:`route_cuda` (``dhsa::Route`` in CUDA C++, the kernels a TensorRT plugin runs) and
 :func:`dhsa_attention_cuda` (routing with :mod:`dhsa_export.algo.routing` on the GPU + the kernel).
 """
 
@@ -17,6 +18,7 @@ from ...errors import DHSAError
 from . import library
 
 _DTYPES = {torch.float16: library.DTYPE_FP16, torch.bfloat16: library.DTYPE_BF16}
+_ROUTE_DTYPES = {**_DTYPES, torch.float32: library.DTYPE_FP32}
 
 
 def _variant() -> int:
@@ -26,14 +28,19 @@ def _variant() -> int:
     return library.VARIANTS[name]
 
 
-def _check_inputs(q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_4d_cuda(tensors, dtypes, who: str, dtype_names: str) -> None:
+    """Every ``(name, tensor)`` a 4-D CUDA tensor of one of ``dtypes`` (messages name ``who``)."""
+    for name, t in tensors:
         if not t.is_cuda:
-            raise DHSAError(f"{name} is on {t.device}; the CUDA kernel needs CUDA tensors")
+            raise DHSAError(f"{name} is on {t.device}; {who} needs CUDA tensors")
         if t.dim() != 4:
             raise DHSAError(f"{name} has shape {tuple(t.shape)}; expected [B, H, L, D]")
-        if t.dtype not in _DTYPES:
-            raise DHSAError(f"{name} has dtype {t.dtype}; the CUDA kernel takes float16 or bfloat16")
+        if t.dtype not in dtypes:
+            raise DHSAError(f"{name} has dtype {t.dtype}; {who} takes {dtype_names}")
+
+
+def _check_inputs(q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block):
+    _check_4d_cuda((("q", q), ("k", k), ("v", v)), _DTYPES, "the CUDA kernel", "float16 or bfloat16")
     if not (q.dtype == k.dtype == v.dtype):
         raise DHSAError(f"q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
     if not (q.device == k.device == v.device == block_index.device == block_count.device):
@@ -144,6 +151,67 @@ def block_sparse_attention_cuda(q, k, v, block_index, block_count, key_chunk_off
         q, k, v, block_index, block_count, key_chunk_offsets, q_block, k_block,
         float(scale) if scale is not None else 0.0, causal, check,
     )
+
+
+def route_params(q: torch.Tensor, k: torch.Tensor, attrs: dict,
+                 key_chunk_offsets: torch.Tensor | None = None) -> "library.DhsaRouteParams":
+    """``DhsaRouteParams`` for ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` and Route node attributes
+    (registry names, e.g. :func:`dhsa_export.onnx.registry.route_attributes`); output pointers unset."""
+    from ...onnx.registry import ROUTE
+
+    values = library.route_attribute_fields({**ROUTE.defaults(), **attrs})
+    b, hq, lq, d = q.shape
+    return library.DhsaRouteParams(
+        q=q.data_ptr(), k=k.data_ptr(),
+        key_chunk_offsets=key_chunk_offsets.data_ptr() if key_chunk_offsets is not None else None,
+        block_index=None, block_count=None, batch=b, num_q_heads=hq, num_kv_heads=k.shape[1], q_len=lq,
+        k_len=k.shape[2], head_dim=d,
+        offsets_width=key_chunk_offsets.shape[1] if key_chunk_offsets is not None else 0,
+        dtype=_ROUTE_DTYPES[q.dtype], **{name: values[name] for name in (a.name for a in ROUTE.attributes)},
+    )
+
+
+def route_cuda(q: torch.Tensor, k: torch.Tensor, cfg: DHSAConfig | dict,
+               chunk_offsets: torch.Tensor | None = None, check: bool = True):
+    """``dhsa::Route`` with the CUDA C++ kernels (``plugins/trt/kernels/route_kernels.cuh``).
+
+    ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (CUDA, fp16 / bf16 / fp32, same dtype), ``cfg`` a
+    :class:`DHSAConfig` or Route node attributes; ``chunk_offsets`` ``[B, nC + 1]`` (or ``[nC + 1]``)
+    variable chunks for ``dynamic``. Returns ``(block_index int32 [B, Hr, nQ, nC], block_count int32
+    [B, Hr, nQ])``, as :func:`dhsa_export.algo.routing.route` + ``to_block_index(nC)`` per sequence.
+    With ``check`` the call synchronizes and raises on offsets the device rejected.
+    """
+    from ...onnx.registry import route_attributes
+
+    _check_4d_cuda((("q", q), ("k", k)), _ROUTE_DTYPES, "route_cuda", "float16, bfloat16 or float32")
+    if q.dtype != k.dtype:
+        raise DHSAError(f"q and k dtypes differ ({q.dtype}, {k.dtype}); cast them to one")
+    if q.device != k.device:
+        raise DHSAError(f"q is on {q.device}, k on {k.device}; put them on one CUDA device")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise DHSAError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} (batch and head_dim must agree)")
+    attrs = route_attributes(cfg, q.shape[1], k.shape[1]) if isinstance(cfg, DHSAConfig) else dict(cfg)
+    if chunk_offsets is not None:
+        if chunk_offsets.dim() == 1:
+            chunk_offsets = chunk_offsets[None].expand(q.shape[0], -1)
+        if chunk_offsets.dim() != 2 or chunk_offsets.shape[0] != q.shape[0]:
+            raise DHSAError(f"chunk_offsets has shape {tuple(chunk_offsets.shape)}; expected [B={q.shape[0]}, nC + 1]")
+        chunk_offsets = chunk_offsets.to(device=q.device, dtype=torch.int32).contiguous()
+    q, k = q.contiguous(), k.contiguous()
+    lib = library.load_library()
+    params = route_params(q, k, attrs, chunk_offsets)
+    hr, nq, nc = library.route_output_shape(lib, params)
+    block_index = torch.empty(q.shape[0], hr, nq, nc, dtype=torch.int32, device=q.device)
+    block_count = torch.empty(q.shape[0], hr, nq, dtype=torch.int32, device=q.device)
+    params.block_index, params.block_count = block_index.data_ptr(), block_count.data_ptr()
+    nbytes = library.route_workspace_size(lib, params)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        library.route_forward(lib, params, workspace.data_ptr(), nbytes, stream)
+        if check:
+            library.route_read_error_flag(lib, workspace.data_ptr(), stream)
+    return block_index, block_count
 
 
 def selections_to_indices(selections: list[Selection], variable: bool):

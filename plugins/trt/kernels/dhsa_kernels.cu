@@ -8,11 +8,13 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
 #include "block_sparse_attention.cuh"
 #include "block_sparse_attention_sm90.cuh"
+#include "route_kernels.cuh"
 
 namespace {
 
@@ -332,6 +334,337 @@ int dispatch(const dhsa::BsaArgs& a, int head_dim, int variant, cudaStream_t str
     }
 }
 
+
+// ------------------------------------------------------------------------------------------- Route
+
+long long ceil_div_ll(long long a, long long b) { return (a + b - 1) / b; }
+
+// Host geometry of one Route call (validated parameters).
+struct RoutePlan {
+    int hr = 0, nq = 0, nc = 0, pattern = 0, variable = 0, length_normalized = 0;
+    long long budget_blocks = 0, budget = 0, dense_first = 0;
+    int n_last = 0, n_vertical = 0, n_slash = 0, line_len = 0, n_kt = 0, row_tiles = 0, n_split = 0;
+    bool need_km = false;
+};
+
+struct RouteLayout {
+    size_t flag = 0, bad = 0, qm = 0, km = 0, row_m = 0, row_l = 0, vertical = 0, slash = 0,
+           slash_part = 0, vert_part = 0, v_prefix = 0, s_prefix = 0, stats_part = 0, total = 0;
+};
+
+// Shapes and attributes (what the output shape and the workspace size depend on); the buffers are
+// checked by dhsa_route_forward only (route_pointers).
+int route_validate(const DhsaRouteParams* p, RoutePlan* plan) {
+    if (p == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "Route: params is NULL");
+    if (p->batch < 1 || p->num_q_heads < 1 || p->num_kv_heads < 1 || p->q_len < 1 || p->k_len < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: bad sizes batch=%d Hq=%d Hkv=%d Lq=%d Lk=%d; all must be >= 1", p->batch,
+                    p->num_q_heads, p->num_kv_heads, p->q_len, p->k_len);
+    if (p->head_dim < 1 || p->head_dim > dhsa::route::kMaxHeadDim)
+        return fail(DHSA_STATUS_UNSUPPORTED, "Route: head_dim %d is not supported; use 1..%d",
+                    p->head_dim, dhsa::route::kMaxHeadDim);
+    if (p->dtype != DHSA_DTYPE_FP16 && p->dtype != DHSA_DTYPE_BF16 && p->dtype != DHSA_DTYPE_FP32)
+        return fail(DHSA_STATUS_UNSUPPORTED,
+                    "Route: dtype %d is not supported; use fp16 (0), bf16 (1) or fp32 (2)", p->dtype);
+    if (p->q_block < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "Route: attribute q_block = %d must be >= 1", p->q_block);
+    if (p->k_block < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "Route: attribute k_block = %d must be >= 1", p->k_block);
+    if (p->pattern < DHSA_ROUTE_PATTERN_TOPK || p->pattern > DHSA_ROUTE_PATTERN_DYNAMIC)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: attribute pattern = %d is unknown; use 0 topk, 1 ashape, 2 vslash, 3 "
+                    "vslash_blockwise or 4 dynamic",
+                    p->pattern);
+    if (!(p->density > 0.0 && p->density <= 1.0))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: attribute density = %g is outside (0, 1]; pass e.g. 0.125", p->density);
+    if (p->sink_tokens < 0 || p->local_tokens < 0 || p->instruction_tokens < 0 ||
+        p->vslash_blockwise_above < 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: attributes sink_tokens = %d, local_tokens = %d, instruction_tokens = %d, "
+                    "vslash_blockwise_above = %d must all be >= 0",
+                    p->sink_tokens, p->local_tokens, p->instruction_tokens, p->vslash_blockwise_above);
+    if (p->chunk_score != DHSA_ROUTE_CHUNK_SCORE_MASS && p->chunk_score != DHSA_ROUTE_CHUNK_SCORE_MEAN)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: attribute chunk_score = %d is unknown; use 0 mass or 1 mean", p->chunk_score);
+    if (p->num_q_heads % p->num_kv_heads != 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: query heads %d are not a multiple of key heads %d", p->num_q_heads,
+                    p->num_kv_heads);
+    const int ratio = p->num_q_heads / p->num_kv_heads;
+    if (p->head_group != 1 && p->head_group != ratio)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: attribute head_group = %d must be 1 (per head) or Hq/Hkv = %d (per KV "
+                    "group)",
+                    p->head_group, ratio);
+    if (p->q_len > p->k_len)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: query length %d exceeds key length %d; queries must be the last Lq of "
+                    "the Lk key positions",
+                    p->q_len, p->k_len);
+    if (p->key_chunk_offsets != nullptr && p->offsets_width < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: key_chunk_offsets needs at least one column (offsets_width = %d)",
+                    p->offsets_width);
+    if (p->offsets_width < 0)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "Route: offsets_width = %d must be >= 0",
+                    p->offsets_width);
+    RoutePlan& l = *plan;
+    // The offsets' width (not the pointer) decides the geometry, so shapes and workspace sizes can be
+    // asked before the buffers exist: width 0 = no offsets.
+    const bool has_offsets = p->key_chunk_offsets != nullptr || p->offsets_width > 0;
+    l.hr = p->num_q_heads / p->head_group;
+    l.nq = (int)ceil_div_ll(p->q_len, p->q_block);
+    l.pattern = p->pattern;
+    if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH && p->vslash_blockwise_above > 0 &&
+        p->k_len > p->vslash_blockwise_above)
+        l.pattern = DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE;
+    l.variable = l.pattern == DHSA_ROUTE_PATTERN_DYNAMIC && has_offsets;
+    l.nc = l.variable ? p->offsets_width - 1 : (int)ceil_div_ll(p->k_len, p->k_block);
+    if (l.variable && l.nc < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: key_chunk_offsets of width %d hold no chunk; pass [B, nC + 1] offsets "
+                    "with nC >= 1",
+                    p->offsets_width);
+    const long long key_blocks = ceil_div_ll(p->k_len, p->k_block);
+    const double blocks = std::floor(p->density * (double)key_blocks + 1e-3);
+    l.budget_blocks = blocks < 1.0 ? 1 : (long long)blocks;
+    const long long budget_tokens = l.budget_blocks * p->k_block;
+    l.budget = l.pattern == DHSA_ROUTE_PATTERN_DYNAMIC ? budget_tokens : l.budget_blocks;
+    l.length_normalized = l.pattern == DHSA_ROUTE_PATTERN_DYNAMIC &&
+                          p->chunk_score == DHSA_ROUTE_CHUNK_SCORE_MEAN;
+    l.need_km = !(l.pattern == DHSA_ROUTE_PATTERN_DYNAMIC && p->chunk_score == DHSA_ROUTE_CHUNK_SCORE_MASS);
+    if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH) {
+        l.dense_first = ceil_div_ll(budget_tokens, p->q_block);
+        l.n_last = p->q_block < p->q_len ? p->q_block : p->q_len;
+        const long long nv = budget_tokens / 2, ns = budget_tokens - nv;
+        l.n_vertical = (int)(nv < p->k_len ? nv : p->k_len);
+        l.n_slash = (int)(ns < p->k_len ? ns : p->k_len);
+        l.line_len = p->k_len;
+        l.n_kt = (int)ceil_div_ll(p->k_len, dhsa::route::kTile);
+        l.n_split = (int)ceil_div_ll(p->k_len, dhsa::route::kStatsSplit);
+    } else if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE) {
+        l.dense_first = ceil_div_ll(budget_tokens, p->q_block);
+        const long long nv = l.budget_blocks / 2, ns = l.budget_blocks - nv;
+        l.n_vertical = (int)(nv < l.nc ? nv : l.nc);
+        l.n_slash = (int)(ns < l.nc ? ns : l.nc);
+        l.line_len = l.nc;
+        l.row_tiles = (int)ceil_div_ll(l.nq, dhsa::route::kBlockwiseRows);
+    }
+    const long long out_elems = (long long)p->batch * l.hr * l.nq * l.nc;
+    if (out_elems >= (1ll << 31) || (long long)p->batch * p->num_q_heads * p->q_len * p->head_dim >= (1ll << 40) ||
+        l.hr > 65535 || p->batch > 65535 || p->num_kv_heads > 65535)
+        return fail(DHSA_STATUS_UNSUPPORTED,
+                    "Route: problem too large (block_index of %lld entries, Hr=%d, B=%d)", out_elems,
+                    l.hr, p->batch);
+    return DHSA_STATUS_OK;
+}
+
+int route_pointers(const DhsaRouteParams& p) {
+    if (!p.q || !p.k || !p.block_index || !p.block_count)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: a required pointer is NULL (q=%p k=%p block_index=%p block_count=%p)",
+                    p.q, p.k, (const void*)p.block_index, (const void*)p.block_count);
+    if (p.offsets_width > 0 && p.key_chunk_offsets == nullptr)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "Route: offsets_width = %d without key_chunk_offsets; pass 0 or the offsets",
+                    p.offsets_width);
+    return DHSA_STATUS_OK;
+}
+
+RouteLayout route_layout(const DhsaRouteParams& p, const RoutePlan& l) {
+    RouteLayout w;
+    size_t end = 0;
+    auto take = [&end](size_t bytes) {
+        const size_t at = end;
+        end += align_up(bytes > 0 ? bytes : 1);
+        return at;
+    };
+    const size_t f = sizeof(float);
+    const size_t lines = (size_t)p.batch * l.hr;
+    w.flag = take(sizeof(int32_t));
+    w.bad = take((size_t)p.batch * sizeof(int32_t));
+    w.qm = take(lines * l.nq * p.head_dim * f);
+    if (l.need_km) w.km = take((size_t)p.batch * p.num_kv_heads * l.nc * p.head_dim * f);
+    if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH) {
+        const size_t rows = (size_t)p.batch * p.num_q_heads * l.n_last;
+        w.row_m = take(rows * f);
+        w.row_l = take(rows * f);
+        w.vertical = take(lines * l.line_len * f);
+        w.slash = take(lines * l.line_len * f);
+        w.slash_part = take(lines * l.n_kt * (size_t)(l.n_last + dhsa::route::kTile - 1) * f);
+        w.v_prefix = take(lines * ((size_t)p.k_len + 1) * f);
+        w.s_prefix = take(lines * ((size_t)p.k_len + 1) * f);
+        w.stats_part = take(rows * (size_t)l.n_split * 2 * f);
+    } else if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE) {
+        w.row_m = take(lines * l.nq * f);
+        w.row_l = take(lines * l.nq * f);
+        w.vertical = take(lines * l.line_len * f);
+        w.slash = take(lines * l.line_len * f);
+        w.slash_part = take(lines * l.row_tiles * (size_t)l.nc * f);
+        w.vert_part = take(lines * l.row_tiles * (size_t)l.nc * f);
+    }
+    w.total = end;
+    return w;
+}
+
+int max_dynamic_smem() {
+    int dev = 0, bytes = 48 * 1024;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 48 * 1024;
+    }
+    return bytes;
+}
+
+// Static shared memory of the kernels that also take dynamic shared memory (upper bounds).
+constexpr int kSelectStaticSmem =
+    4 * 1024 + dhsa::route::kMaxSelectRows * dhsa::route::kMaxHeadDim * 4;
+constexpr int kLinesStaticSmem = (int)sizeof(dhsa::route::MmaTileSmem) + 64 * 65 * 4 + 1024;
+
+// Always set: the 48 KB default limit counts static + dynamic shared memory together (48 KB of
+// dynamic memory plus the kernel's static arrays fails to launch without the attribute).
+template <typename Kernel>
+int set_smem(Kernel kernel, int bytes, const char* what) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "Route: cudaFuncSetAttribute(%s, %d bytes): %s", what,
+                    bytes, cudaGetErrorString(e));
+    return DHSA_STATUS_OK;
+}
+
+int launched(const char* what) {
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "Route: %s launch: %s", what, cudaGetErrorString(e));
+    return DHSA_STATUS_OK;
+}
+
+#define DHSA_TRY(expr)                          \
+    do {                                        \
+        const int _st = (expr);                 \
+        if (_st != DHSA_STATUS_OK) return _st;  \
+    } while (0)
+
+// The two logits passes of vslash (row statistics, then line sums): on the tensor cores for fp16 /
+// bf16 with D % 16 == 0 and 16-byte aligned q / k, else on the CUDA cores (fp32, and
+// DHSA_ROUTE_LOGITS=fp32 in the environment, which forces the CUDA-core path for comparisons).
+bool route_fp32_logits_forced() {
+    const char* env = std::getenv("DHSA_ROUTE_LOGITS");
+    return env != nullptr && std::strcmp(env, "fp32") == 0;
+}
+
+template <typename T, bool MMA>
+int vslash_logits_as(const dhsa::route::RouteArgs& a, long long stats_x, int wbytes, cudaStream_t stream) {
+    namespace rt = dhsa::route;
+    rt::route_vslash_stats_kernel<T, MMA><<<dim3((unsigned)stats_x, (unsigned)a.hq, (unsigned)a.batch), 256, 0,
+                                            stream>>>(a);
+    DHSA_TRY(launched("vslash stats"));
+    rt::route_vslash_stats_merge_kernel<<<(unsigned)ceil_div_ll((long long)a.batch * a.hq * a.n_last, 256), 256, 0,
+                                          stream>>>(a);
+    DHSA_TRY(launched("vslash stats merge"));
+    DHSA_TRY(set_smem(rt::route_vslash_lines_kernel<T, MMA>, wbytes, "vslash lines"));
+    rt::route_vslash_lines_kernel<T, MMA><<<dim3((unsigned)a.n_kt, (unsigned)a.hr, (unsigned)a.batch), 256, wbytes,
+                                            stream>>>(a);
+    return launched("vslash lines");
+}
+
+template <typename T>
+int vslash_logits(const dhsa::route::RouteArgs& a, long long stats_x, int wbytes, cudaStream_t stream) {
+    if constexpr (!std::is_same<T, float>::value) {
+        if (a.d % 16 == 0 && aligned16(a.q) && aligned16(a.k) && !route_fp32_logits_forced())
+            return vslash_logits_as<T, true>(a, stats_x, wbytes, stream);
+    }
+    return vslash_logits_as<T, false>(a, stats_x, wbytes, stream);
+}
+
+template <typename T>
+int route_launch(const dhsa::route::RouteArgs& a, const RoutePlan& l, cudaStream_t stream) {
+    namespace rt = dhsa::route;
+    rt::route_check_offsets_kernel<<<a.batch, 256, 0, stream>>>(a);
+    DHSA_TRY(launched("offsets check"));
+    rt::route_query_means_kernel<T><<<dim3((unsigned)a.nq, (unsigned)a.hr, (unsigned)a.batch), 128, 0, stream>>>(a);
+    DHSA_TRY(launched("query means"));
+    if (l.need_km) {
+        rt::route_key_means_kernel<T><<<dim3((unsigned)a.nc, (unsigned)a.hkv, (unsigned)a.batch), 128, 0, stream>>>(a);
+        DHSA_TRY(launched("key means"));
+    }
+    const int smem_limit = max_dynamic_smem();
+    if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH) {
+        const long long stats_x = ceil_div_ll(a.n_last, rt::kTile) * a.n_split;
+        if (stats_x > 0x7fffffffll)
+            return fail(DHSA_STATUS_UNSUPPORTED, "Route: Lk %d too long for the vslash statistics grid", a.lk);
+        const int wbytes = (a.n_last + rt::kTile - 1) * (int)sizeof(float);
+        if (wbytes + kLinesStaticSmem > smem_limit)
+            return fail(DHSA_STATUS_UNSUPPORTED,
+                        "Route: q_block %d needs %d bytes of shared memory for the vslash lines; the "
+                        "device allows %d: use a smaller q_block",
+                        a.q_block, wbytes + kLinesStaticSmem, smem_limit);
+        DHSA_TRY(vslash_logits<T>(a, stats_x, wbytes, stream));
+        rt::route_vslash_slash_reduce_kernel<<<dim3((unsigned)ceil_div_ll(a.lk, 256), (unsigned)a.hr, (unsigned)a.batch), 256, 0, stream>>>(a);
+        DHSA_TRY(launched("vslash slash reduce"));
+        rt::route_top_lines_kernel<<<dim3(2, (unsigned)a.hr, (unsigned)a.batch), 1024, 0, stream>>>(a);
+        DHSA_TRY(launched("top lines"));
+    } else if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE) {
+        const int bytes = 3 * a.nc * (int)sizeof(float);
+        if (bytes + kSelectStaticSmem > smem_limit)
+            return fail(DHSA_STATUS_UNSUPPORTED,
+                        "Route: vslash_blockwise over %d key blocks needs %d bytes of shared memory; "
+                        "the device allows %d: use a larger k_block",
+                        a.nc, bytes + kSelectStaticSmem, smem_limit);
+        DHSA_TRY(set_smem(rt::route_blockwise_lines_kernel, bytes, "blockwise lines"));
+        rt::route_blockwise_lines_kernel<<<dim3((unsigned)a.row_tiles, (unsigned)a.hr, (unsigned)a.batch), 256, bytes, stream>>>(a);
+        DHSA_TRY(launched("blockwise lines"));
+        rt::route_blockwise_reduce_kernel<<<dim3((unsigned)ceil_div_ll(a.nc, 256), (unsigned)a.hr, (unsigned)a.batch), 256, 0, stream>>>(a);
+        DHSA_TRY(launched("blockwise reduce"));
+        rt::route_top_lines_kernel<<<dim3(2, (unsigned)a.hr, (unsigned)a.batch), 1024, 0, stream>>>(a);
+        DHSA_TRY(launched("top lines"));
+    }
+    const int row_bytes = a.nc * (int)sizeof(float);
+    if (row_bytes + kSelectStaticSmem > smem_limit)
+        return fail(DHSA_STATUS_UNSUPPORTED,
+                    "Route: %d chunks need %d bytes of shared memory per row; the device allows %d: "
+                    "use a larger k_block (or longer chunks)",
+                    a.nc, row_bytes + kSelectStaticSmem, smem_limit);
+    // dynamic / mass reads every key per row: several query blocks per CTA share those reads
+    dhsa::route::RouteArgs sa = a;
+    sa.select_rows = 1;
+    if (a.pattern == DHSA_ROUTE_PATTERN_DYNAMIC && a.chunk_score == DHSA_ROUTE_CHUNK_SCORE_MASS) {
+        const int fit = (smem_limit - kSelectStaticSmem) / row_bytes;
+        sa.select_rows = fit < rt::kMaxSelectRows ? fit : rt::kMaxSelectRows;
+        if (sa.select_rows < 1) sa.select_rows = 1;
+    }
+    const int bytes = sa.select_rows * row_bytes;
+    DHSA_TRY(set_smem(rt::route_select_kernel<T>, bytes, "selection"));
+    rt::route_select_kernel<T><<<dim3((unsigned)ceil_div_ll(a.nq, sa.select_rows), (unsigned)a.hr, (unsigned)a.batch),
+                                 rt::kSelectThreads, bytes, stream>>>(sa);
+    DHSA_TRY(launched("selection"));
+    return DHSA_STATUS_OK;
+}
+
+int read_flag(const void* workspace, cudaStream_t stream, int32_t* flag, const char* op) {
+    if (workspace == nullptr) return fail(DHSA_STATUS_WORKSPACE, "%s: workspace is NULL", op);
+    int32_t host = 0;
+    cudaError_t e = cudaMemcpyAsync(&host, workspace, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "%s: reading the error flag: %s", op, cudaGetErrorString(e));
+    if (flag) *flag = host;
+    if (host != 0)
+        return fail(DHSA_STATUS_INDEX_ERROR,
+                    "%s: the kernel rejected its indices (flag 0x%x:%s%s%s%s); the affected rows were "
+                    "not computed",
+                    op, host, (host & DHSA_FLAG_BAD_COUNT) ? " block_count outside [0, K]" : "",
+                    (host & DHSA_FLAG_BAD_INDEX) ? " block index outside [0, nC)" : "",
+                    (host & DHSA_FLAG_NOT_ASCENDING) ? " block indices not strictly ascending" : "",
+                    (host & DHSA_FLAG_BAD_CHUNK_OFFSETS)
+                        ? " bad key_chunk_offsets (each row must start at 0, never decrease and end "
+                          "at Lk)"
+                        : "");
+    return ok();
+}
+
 }  // namespace
 
 extern "C" {
@@ -428,23 +761,117 @@ int dhsa_bsa_forward(const DhsaBsaParams* params, void* workspace, size_t worksp
 }
 
 int dhsa_bsa_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag) {
-    if (workspace == nullptr) return fail(DHSA_STATUS_WORKSPACE, "workspace is NULL");
-    int32_t host = 0;
-    cudaError_t e = cudaMemcpyAsync(&host, workspace, sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                    stream);
-    if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-    if (e != cudaSuccess)
-        return fail(DHSA_STATUS_CUDA_ERROR, "reading the error flag: %s", cudaGetErrorString(e));
-    if (flag) *flag = host;
-    if (host != 0)
-        return fail(DHSA_STATUS_INDEX_ERROR,
-                    "the kernel rejected its indices (flag 0x%x:%s%s%s%s); the affected rows were "
-                    "not computed",
-                    host, (host & DHSA_FLAG_BAD_COUNT) ? " block_count outside [0, K]" : "",
-                    (host & DHSA_FLAG_BAD_INDEX) ? " block index outside [0, nC)" : "",
-                    (host & DHSA_FLAG_NOT_ASCENDING) ? " block indices not strictly ascending" : "",
-                    (host & DHSA_FLAG_BAD_CHUNK_OFFSETS) ? " bad key_chunk_offsets" : "");
+    return read_flag(workspace, stream, flag, "block-sparse attention");
+}
+
+int dhsa_route_output_shape(const DhsaRouteParams* params, int32_t* routing_heads,
+                            int32_t* q_blocks, int32_t* chunks) {
+    RoutePlan l;
+    const int st = route_validate(params, &l);
+    if (st != DHSA_STATUS_OK) return st;
+    if (routing_heads) *routing_heads = l.hr;
+    if (q_blocks) *q_blocks = l.nq;
+    if (chunks) *chunks = l.nc;
     return ok();
+}
+
+int dhsa_route_workspace_size(const DhsaRouteParams* params, size_t* bytes) {
+    if (bytes == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "Route: bytes is NULL");
+    RoutePlan l;
+    const int st = route_validate(params, &l);
+    if (st != DHSA_STATUS_OK) return st;
+    *bytes = route_layout(*params, l).total;
+    return ok();
+}
+
+int dhsa_route_forward(const DhsaRouteParams* params, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream) {
+    RoutePlan l;
+    const int st = route_validate(params, &l);
+    if (st != DHSA_STATUS_OK) return st;
+    const DhsaRouteParams& p = *params;
+    const int pst = route_pointers(p);
+    if (pst != DHSA_STATUS_OK) return pst;
+    const RouteLayout w = route_layout(p, l);
+    if (workspace == nullptr || workspace_bytes < w.total)
+        return fail(DHSA_STATUS_WORKSPACE,
+                    "Route: workspace %p of %zu bytes; %zu bytes needed (dhsa_route_workspace_size)",
+                    workspace, workspace_bytes, w.total);
+    if (!aligned16(workspace))
+        return fail(DHSA_STATUS_WORKSPACE, "Route: workspace %p must be 16-byte aligned", workspace);
+    unsigned char* ws = static_cast<unsigned char*>(workspace);
+    auto fptr = [ws](size_t off) { return reinterpret_cast<float*>(ws + off); };
+    dhsa::route::RouteArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.q = p.q;
+    a.k = p.k;
+    a.offsets = p.key_chunk_offsets;
+    a.block_index = p.block_index;
+    a.block_count = p.block_count;
+    a.flag = reinterpret_cast<int32_t*>(ws + w.flag);
+    a.bad_batch = reinterpret_cast<int32_t*>(ws + w.bad);
+    a.qm = fptr(w.qm);
+    a.km = l.need_km ? fptr(w.km) : nullptr;
+    const bool lines = l.pattern == DHSA_ROUTE_PATTERN_VSLASH || l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE;
+    if (lines) {
+        a.row_m = fptr(w.row_m);
+        a.row_l = fptr(w.row_l);
+        a.vertical = fptr(w.vertical);
+        a.slash = fptr(w.slash);
+        a.slash_part = fptr(w.slash_part);
+    }
+    if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH) {
+        a.v_prefix = fptr(w.v_prefix);
+        a.s_prefix = fptr(w.s_prefix);
+        a.stats_part = fptr(w.stats_part);
+    }
+    if (l.pattern == DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE) a.vert_part = fptr(w.vert_part);
+    a.batch = p.batch;
+    a.hq = p.num_q_heads;
+    a.hkv = p.num_kv_heads;
+    a.hr = l.hr;
+    a.lq = p.q_len;
+    a.lk = p.k_len;
+    a.d = p.head_dim;
+    a.nq = l.nq;
+    a.nc = l.nc;
+    a.w = p.offsets_width;
+    a.q_block = p.q_block;
+    a.k_block = p.k_block;
+    a.head_group = p.head_group;
+    a.kv_ratio = p.num_q_heads / p.num_kv_heads;
+    a.q_offset = p.k_len - p.q_len;
+    a.pattern = l.pattern;
+    a.chunk_score = p.chunk_score;
+    a.variable = l.variable;
+    a.length_normalized = l.length_normalized;
+    a.sink_tokens = p.sink_tokens;
+    a.local_tokens = p.local_tokens;
+    a.instruction_tokens = p.instruction_tokens;
+    a.budget = l.budget;
+    a.dense_first = l.dense_first;
+    a.n_last = l.n_last;
+    a.n_vertical = l.n_vertical;
+    a.n_slash = l.n_slash;
+    a.line_len = l.line_len;
+    a.n_kt = l.n_kt;
+    a.row_tiles = l.row_tiles;
+    a.n_split = l.n_split;
+    a.select_rows = 1;
+    a.root = (float)std::sqrt((double)p.head_dim);
+    cudaError_t e = cudaMemsetAsync(a.flag, 0, sizeof(int32_t), stream);
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "Route: clearing the error flag: %s", cudaGetErrorString(e));
+    int rc;
+    if (p.dtype == DHSA_DTYPE_BF16) rc = route_launch<__nv_bfloat16>(a, l, stream);
+    else if (p.dtype == DHSA_DTYPE_FP16) rc = route_launch<__half>(a, l, stream);
+    else rc = route_launch<float>(a, l, stream);
+    if (rc != DHSA_STATUS_OK) return rc;
+    return ok();
+}
+
+int dhsa_route_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag) {
+    return read_flag(workspace, stream, flag, "Route");
 }
 
 }  // extern "C"

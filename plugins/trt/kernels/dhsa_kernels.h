@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define DHSA_ABI_VERSION 1
+#define DHSA_ABI_VERSION 2 /* 2: dhsa_route_* */
 
 /* Status codes returned by every function. */
 #define DHSA_STATUS_OK 0
@@ -125,6 +125,82 @@ DHSA_API int dhsa_bsa_forward(const DhsaBsaParams* params, void* workspace, size
 /* Copy the error flag out of the workspace and synchronize `stream`. Returns DHSA_STATUS_OK when
  * the flag is 0, DHSA_STATUS_INDEX_ERROR (flag bits in *flag) otherwise. `flag` may be NULL. */
 DHSA_API int dhsa_bsa_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag);
+
+/* ------------------------------------------------------------------------------------------------
+ * Op: dhsa::Route (DESIGN.md section 4; dhsa_export/onnx/registry.py is the contract)
+ *   q   [B, Hq,  Lq, D]   contiguous, fp16, bf16 or fp32 (DHSA_DTYPE_*), D in [1, 256]
+ *   k   [B, Hkv, Lk, D]   contiguous, same dtype; Lq <= Lk (query t sits at key position Lk - Lq + t)
+ *   key_chunk_offsets int32 [B, W]  optional: variable chunks of the dynamic pattern (row b: 0, then
+ *                                   non-decreasing, ending at Lk; W = nC + 1). Validated on the
+ *                                   device: a bad row sets DHSA_FLAG_BAD_CHUNK_OFFSETS in the
+ *                                   workspace flag and that batch entry's outputs are written empty.
+ *   block_index int32 [B, Hr, nQ, nC]  out: selected chunk ids ascending, padded with -1
+ *   block_count int32 [B, Hr, nQ]      out
+ * Hr = Hq / head_group (head_group 1 = per query head, Hq / Hkv = per KV group), nQ = ceil(Lq /
+ * q_block), nC = W - 1 with variable chunks (pattern dynamic and offsets given), else
+ * ceil(Lk / k_block). vslash becomes vslash_blockwise when vslash_blockwise_above > 0 and
+ * Lk > vslash_blockwise_above. The attribute fields mirror the registry's Route attributes one to
+ * one (same names; pattern and chunk_score as the enums below).
+ * ------------------------------------------------------------------------------------------------ */
+
+/* Element type fp32 (Route only; BlockSparseAttention takes fp16 / bf16). */
+#define DHSA_DTYPE_FP32 2
+
+/* Route patterns (registry attribute `pattern`, in the order of dhsa_export.config.PATTERNS). */
+#define DHSA_ROUTE_PATTERN_TOPK 0
+#define DHSA_ROUTE_PATTERN_ASHAPE 1
+#define DHSA_ROUTE_PATTERN_VSLASH 2
+#define DHSA_ROUTE_PATTERN_VSLASH_BLOCKWISE 3
+#define DHSA_ROUTE_PATTERN_DYNAMIC 4
+
+/* Route chunk scores of the dynamic pattern (registry attribute `chunk_score`, order of
+ * dhsa_export.config.CHUNK_SCORES). */
+#define DHSA_ROUTE_CHUNK_SCORE_MASS 0 /* log mean_{j in c} exp(mean(q of block) . k_j / sqrt(D)) */
+#define DHSA_ROUTE_CHUNK_SCORE_MEAN 1 /* mean(q of block) . mean(k of c) x sqrt(len c) / sqrt(D) */
+
+typedef struct DhsaRouteParams {
+    const void* q;                    /* [B, Hq, Lq, D] */
+    const void* k;                    /* [B, Hkv, Lk, D] */
+    const int32_t* key_chunk_offsets; /* [B, offsets_width] or NULL */
+    int32_t* block_index;             /* [B, Hr, nQ, nC] */
+    int32_t* block_count;             /* [B, Hr, nQ] */
+    int32_t batch;
+    int32_t num_q_heads;   /* Hq */
+    int32_t num_kv_heads;  /* Hkv */
+    int32_t q_len;         /* Lq */
+    int32_t k_len;         /* Lk */
+    int32_t head_dim;      /* D */
+    int32_t offsets_width; /* W of key_chunk_offsets (0 without) */
+    int32_t dtype;         /* DHSA_DTYPE_* */
+    /* Route attributes (registry order) */
+    int32_t q_block;
+    int32_t k_block;
+    int32_t pattern;                /* DHSA_ROUTE_PATTERN_* */
+    double density;                 /* (0, 1]: budget_blocks = max(1, floor(density * ceil(Lk / k_block) + 1e-3)) */
+    int32_t head_group;             /* 1 or Hq / Hkv */
+    int32_t sink_tokens;
+    int32_t local_tokens;
+    int32_t instruction_tokens;
+    int32_t vslash_blockwise_above;
+    int32_t chunk_score;            /* DHSA_ROUTE_CHUNK_SCORE_* */
+} DhsaRouteParams;
+
+/* Output geometry: routing heads Hr, query blocks nQ, chunks nC (= the index width). This and
+ * dhsa_route_workspace_size read shapes and attributes only (buffer pointers may be NULL; the
+ * offsets count as given when offsets_width > 0). */
+DHSA_API int dhsa_route_output_shape(const DhsaRouteParams* params, int32_t* routing_heads,
+                                     int32_t* q_blocks, int32_t* chunks);
+
+/* Bytes of device workspace dhsa_route_forward needs for these parameters (shapes only). */
+DHSA_API int dhsa_route_workspace_size(const DhsaRouteParams* params, size_t* bytes);
+
+/* Validate the parameters (host side), then route on `stream` (asynchronous). The workspace's first
+ * int32 is the device error flag (bad key_chunk_offsets), read with dhsa_route_read_error_flag. */
+DHSA_API int dhsa_route_forward(const DhsaRouteParams* params, void* workspace,
+                                size_t workspace_bytes, cudaStream_t stream);
+
+/* As dhsa_bsa_read_error_flag, for a Route workspace. */
+DHSA_API int dhsa_route_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag);
 
 #ifdef __cplusplus
 }
