@@ -40,6 +40,7 @@ take the torch path (one program holds a whole row).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -47,6 +48,7 @@ import warnings
 import torch
 
 from ...algo.layout import BlockGrid, Selection
+from . import routing_triton
 
 try:  # Triton is optional: without it routing stays in torch
     import triton
@@ -59,6 +61,7 @@ ENV_SWITCH = "DHSA_ROUTING_FUSED"  # "0": the torch path (A/B timing, debugging)
 PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise")
 MAX_CHUNKS = 8192
 USE_LINE_KERNEL = True  # tests set False to check the selection kernel bit for bit against torch
+USE_PROBS_LINES = True  # v9: vslash line sums from the logits (False: v8's probabilities + _line_sums)
 _FAILED: list[str] = []
 
 MODE_VSLASH, MODE_BLOCKWISE, MODE_SCORE = 0, 1, 2
@@ -106,7 +109,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_q_blocks", "num_chunks", "line_length", "query_length", "q_offset",
                                    "q_block", "k_block", "key_length", "sink_limit", "local_tokens", "budget",
                                    "dense_first", "dense_last"])
-    def _select_rows(A, B, F, MASK_OUT, INDEX_OUT, COUNT_OUT,
+    def _select_rows(A, B, F, MASK_OUT, INDEX_OUT, COUNT_OUT, AREA_OUT,
                      num_q_blocks, num_chunks, line_length, query_length, q_offset, q_block, k_block,
                      key_length, sink_limit, local_tokens, budget, dense_first, dense_last,
                      MODE: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -180,6 +183,87 @@ if triton is not None:
         tl.store(INDEX_OUT + out + slot, c, mask=selected)
         tl.store(INDEX_OUT + out + c, tl.full([BLOCK_C], -1, tl.int32), mask=in_range & (c >= selected_count))
         tl.store(COUNT_OUT + row, selected_count)
+        # token pairs the kernel computes on this row (causal_block_fraction's numerator, exact)
+        q_len = tl.minimum((i + 1) * q_block, query_length) - i * q_block
+        tl.store(AREA_OUT + row, tl.sum(tl.where(selected, end - start, 0), 0) * q_len)
+
+
+    @triton.jit(do_not_specialize=["width", "n_rows", "num_tiles", "keep_vertical", "keep_slash"])
+    def _top_lines(V, SP, SLASH, OUT_V, OUT_S, width, n_rows, num_tiles, keep_vertical, keep_slash,
+                   TILE: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+        """Per (routing head, kind): the prefix sums of the ``keep`` largest lines (others 0).
+
+        kind 0: the vertical sums ``V``; kind 1: the slash sums, first assembled from the tile
+        partials ``SP`` of ``routing_triton._probs_lines`` into ``SLASH``. The threshold (the
+        ``keep``-th largest line) is found by a 31-step bisection on the int32 image of the fp32
+        sums (>= 0, so the bit pattern is order-preserving); lines equal to it are kept in index
+        order up to ``keep``. Replaces ``topk`` + scatter + ``cumsum`` of ``keep_top_lines``.
+        """
+        head = tl.program_id(0).to(tl.int64)
+        kind = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        src = V + head * width
+        out = OUT_V + head * width
+        keep = keep_vertical
+        if kind == 1:
+            src = SLASH + head * width
+            out = OUT_S + head * width
+            keep = keep_slash
+            first = width - n_rows
+            sp = SP + head * num_tiles * (2 * TILE)
+            for start in range(0, width, BLOCK):
+                o = start + offs
+                ok = o < width
+                u = o - first + TILE
+                t_hi = (2 * TILE - 1 - u) // TILE
+                s_hi = u + TILE * t_hi
+                hi = tl.load(sp + t_hi * (2 * TILE) + s_hi, mask=ok & (t_hi < num_tiles), other=0.0)
+                lo = tl.load(sp + (t_hi - 1) * (2 * TILE) + s_hi - TILE, mask=ok & (t_hi >= 1), other=0.0)
+                tl.store(src + o, lo + hi, mask=ok)
+            tl.debug_barrier()
+        keep = tl.minimum(keep, width)
+        if SINGLE:
+            key_all = tl.load(src + offs, mask=offs < width, other=0.0)
+            key_all = tl.where(offs < width, (key_all + 0.0).to(tl.int32, bitcast=True), -1)
+        threshold = tl.zeros([], tl.int32)
+        step = tl.full([], 1073741824, tl.int32)
+        for _ in range(31):
+            trial = threshold + step
+            if SINGLE:
+                count = tl.sum((key_all >= trial).to(tl.int32), 0)
+            else:
+                counts = tl.zeros([BLOCK], tl.int32)
+                for start in range(0, width, BLOCK):
+                    o = start + offs
+                    x = tl.load(src + o, mask=o < width, other=0.0)
+                    key = tl.where(o < width, (x + 0.0).to(tl.int32, bitcast=True), -1)
+                    counts += (key >= trial).to(tl.int32)
+                count = tl.sum(counts, 0)
+            threshold = tl.where(count >= keep, trial, threshold)
+            step = step // 2
+        if keep <= 0:
+            threshold = tl.full([], 2147483647, tl.int32)
+        n_above = tl.zeros([], tl.int32)
+        for start in range(0, width, BLOCK):
+            o = start + offs
+            x = tl.load(src + o, mask=o < width, other=0.0)
+            key = tl.where(o < width, (x + 0.0).to(tl.int32, bitcast=True), -1)
+            n_above += tl.sum((key > threshold).to(tl.int32), 0)
+        take_equal = keep - n_above
+        carry = tl.zeros([], tl.float32)
+        equal_seen = tl.zeros([], tl.int32)
+        for start in range(0, width, BLOCK):
+            o = start + offs
+            ok = o < width
+            x = tl.load(src + o, mask=ok, other=0.0)
+            key = tl.where(ok, (x + 0.0).to(tl.int32, bitcast=True), -1)
+            equal = ok & (key == threshold)
+            order = tl.cumsum(equal.to(tl.int32), 0) + equal_seen
+            kept = ok & ((key > threshold) | (equal & (order <= take_equal)))
+            prefix = tl.cumsum(tl.where(kept, tl.maximum(x, 0.0), 0.0), 0) + carry
+            tl.store(out + o, prefix, mask=ok)
+            carry = tl.max(tl.where(ok & (o == tl.minimum(start + BLOCK, width) - 1), prefix, float("-inf")), 0)
+            equal_seen += tl.sum(equal.to(tl.int32), 0)
 
 
 def line_sums(probs: torch.Tensor, grid: BlockGrid | None = None, blockwise: bool = False):
@@ -199,9 +283,27 @@ def line_sums(probs: torch.Tensor, grid: BlockGrid | None = None, blockwise: boo
     return vertical, slash
 
 
+def top_line_prefixes(vertical: torch.Tensor, partials: torch.Tensor, tile: int, n_rows: int,
+                      keep_vertical: int, keep_slash: int):
+    """``(cumsum(keep_top_lines(vertical, keep_vertical)), cumsum(keep_top_lines(slash, keep_slash)))``
+    with the slash sums assembled from ``routing_triton.last_queries_line_sums``' tile partials:
+    one launch of ``_top_lines`` (ties at the threshold kept in index order)."""
+    heads, width = vertical.shape
+    out_v = torch.empty_like(vertical)
+    out_s = torch.empty_like(vertical)
+    slash = torch.empty_like(vertical)
+    single = width <= 65536
+    block = max(16, triton.next_power_of_2(width)) if single else 16384
+    _top_lines[(heads, 2)](vertical, partials, slash, out_v, out_s, width, n_rows, partials.shape[1],
+                           max(0, keep_vertical), max(0, keep_slash), TILE=tile, BLOCK=block, SINGLE=single,
+                           num_warps=32 if block >= 16384 else (16 if block >= 4096 else 4))
+    return out_v, out_s
+
+
 def select_rows(mode: int, a, b, fallback: torch.Tensor, grid: BlockGrid, budget: int, sink_tokens: int,
                 local_tokens: int = 0, dense_first: int = 0, dense_last: bool = False):
-    """``(mask [Hr, nQ, nC] bool, block_index int32 [Hr, nQ, nC], block_count int32 [Hr, nQ])``."""
+    """``(mask [Hr, nQ, nC] bool, block_index int32 [Hr, nQ, nC], block_count int32 [Hr, nQ],
+    causal_block_fraction 0-dim fp32)``."""
     heads, num_q, num_chunks = fallback.shape
     fallback = fallback.float().contiguous()
     a = fallback if a is None else a.contiguous()
@@ -210,46 +312,100 @@ def select_rows(mode: int, a, b, fallback: torch.Tensor, grid: BlockGrid, budget
     mask = torch.empty(heads, num_q, num_chunks, device=device, dtype=torch.uint8)
     index = torch.empty(heads, num_q, num_chunks, device=device, dtype=torch.int32)
     count = torch.empty(heads, num_q, device=device, dtype=torch.int32)
+    area = torch.empty(heads, num_q, device=device, dtype=torch.int32)
     block_c = max(32, triton.next_power_of_2(num_chunks))
     warps = 4 if block_c <= 1024 else 8
     _select_rows[(heads * num_q,)](
-        a, b, fallback, mask, index, count,
+        a, b, fallback, mask, index, count, area,
         num_q, num_chunks, a.shape[-1], grid.query_length, grid.q_offset, grid.q_block, grid.chunk_block,
         grid.key_length, max(1, sink_tokens), local_tokens, budget, dense_first, int(dense_last),
         MODE=mode, BLOCK_C=block_c, num_warps=warps)
-    return mask.view(torch.bool), index, count
+    fraction = causal_fraction(area, _causal_area(grid.query_length, grid.q_offset, grid.q_block,
+                                                  grid.chunk_block, grid.key_length) * heads)
+    return mask.view(torch.bool), index, count, fraction
+
+
+@functools.lru_cache(maxsize=256)
+def _causal_area(query_length: int, q_offset: int, q_block: int, k_block: int, key_length: int) -> int:
+    """Token pairs of the causal (query block, key block) area: ``(block_area() * causal()).sum()``."""
+    total = 0
+    for first in range(0, query_length, q_block):
+        last = min(first + q_block, query_length) - 1 + q_offset
+        total += (min(first + q_block, query_length) - first) * min((last // k_block + 1) * k_block, key_length)
+    return total
+
+
+def causal_fraction(selected_area: torch.Tensor, total: int) -> torch.Tensor:
+    """``Selection.causal_block_fraction_tensor()`` from ``_select_rows``' per-row selected area
+    (exact integers, summed in fp64; the torch path sums fp32 products: equal to ~1e-7)."""
+    if total <= 0:
+        return torch.ones((), device=selected_area.device, dtype=torch.float32)
+    return selected_area.sum(dtype=torch.float64).div_(float(total)).float()
+
+
+def query_parts(q: torch.Tensor, cfg, grid: BlockGrid, pattern: str):
+    """What the fused routing reads of ``q [Hq, Lq, D]``: its fp32 block means ``[Hq, nQ, D]`` and,
+    for ``vslash``, its last ``min(q_block, Lq)`` rows (else None). The routing graphs copy these
+    into their static buffers instead of all of ``q``."""
+    from ...algo.layout import segment_means
+
+    q_means = segment_means(q, grid.q_offsets, grid.q_block)
+    q_last = q[:, -min(cfg.q_block, q.shape[1]):] if pattern == "vslash" else None
+    return q_means, q_last
+
+
+def _block_scores(q_means: torch.Tensor, k: torch.Tensor, grid: BlockGrid, head_group: int) -> torch.Tensor:
+    """``routing.block_scores(q, k, grid, head_group, length_normalized=False)`` from q's block means
+    (the same ops in the same order)."""
+    from ...algo import routing as R
+    from ...algo.layout import segment_means
+
+    k_means = segment_means(k, grid.chunk_offsets, grid.chunk_block)
+    q_routed = R.group_mean(q_means, head_group)
+    k_routed = R.expand_kv(k_means, q_routed.shape[0])
+    return torch.bmm(q_routed, k_routed.transpose(1, 2)) / math.sqrt(q_means.shape[-1])
 
 
 def _route(q, k, cfg, grid: BlockGrid, head_group: int, pattern: str) -> Selection:
+    return route_parts(*query_parts(q, cfg, grid, pattern), k, cfg, grid, head_group, pattern)
+
+
+def route_parts(q_means, q_last, k, cfg, grid: BlockGrid, head_group: int, pattern: str) -> Selection:
+    """The fused routing from :func:`query_parts` (``q_last`` is used by ``vslash`` only)."""
     from ...algo import routing as R
 
     key_length = k.shape[1]
     budget = cfg.budget_blocks(key_length)
     if pattern in ("topk", "ashape"):
-        score = R.block_scores(q, k, grid, head_group, length_normalized=False)
+        score = _block_scores(q_means, k, grid, head_group)
         if pattern == "topk":
-            mask, index, count = select_rows(MODE_SCORE, None, None, score, grid, budget, cfg.k_block)
+            mask, index, count, fraction = select_rows(MODE_SCORE, None, None, score, grid, budget, cfg.k_block)
         else:
-            mask, index, count = select_rows(MODE_SCORE, None, None, score, grid, budget, cfg.sink_tokens,
+            mask, index, count, fraction = select_rows(MODE_SCORE, None, None, score, grid, budget, cfg.sink_tokens,
                                              local_tokens=cfg.local_tokens)
     elif pattern == "vslash":
-        n_last = min(cfg.q_block, q.shape[1])
-        probs = R.last_queries_probabilities(q, k, head_group, n_last)
-        if USE_LINE_KERNEL:
-            vertical, slash = line_sums(probs)
-        else:
-            vertical, slash = probs.sum(dim=1), R.sum_along_diagonals_of_last_rows(probs)
+        n_last = q_last.shape[1]
         budget_tokens = cfg.budget_tokens(key_length)
         n_vertical = budget_tokens // 2
-        vertical = R.keep_top_lines(vertical, n_vertical).cumsum(-1)
-        slash = R.keep_top_lines(slash, budget_tokens - n_vertical).cumsum(-1)
-        fallback = torch.sigmoid(R.block_scores(q, k, grid, head_group, length_normalized=False))
+        if USE_LINE_KERNEL and USE_PROBS_LINES and routing_triton.line_kernel_supports(q_last, k, n_last):
+            # v9: line sums straight from the logits, top lines + prefix sums in one kernel
+            vertical, slash = top_line_prefixes(*routing_triton.last_queries_line_sums(q_last, k, head_group, n_last),
+                                                n_last, n_vertical, budget_tokens - n_vertical)
+        else:
+            probs = R.last_queries_probabilities(q_last, k, head_group, n_last)
+            if USE_LINE_KERNEL:
+                vertical, slash = line_sums(probs)
+            else:
+                vertical, slash = probs.sum(dim=1), R.sum_along_diagonals_of_last_rows(probs)
+            vertical = R.keep_top_lines(vertical, n_vertical).cumsum(-1)
+            slash = R.keep_top_lines(slash, budget_tokens - n_vertical).cumsum(-1)
+        fallback = torch.sigmoid(_block_scores(q_means, k, grid, head_group))
         first_dense = math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)
-        mask, index, count = select_rows(MODE_VSLASH, vertical, slash, fallback, grid, budget, cfg.k_block,
+        mask, index, count, fraction = select_rows(MODE_VSLASH, vertical, slash, fallback, grid, budget, cfg.k_block,
                                          dense_first=first_dense, dense_last=True)
     else:  # vslash_blockwise
         causal = grid.causal()
-        score = R.block_scores(q, k, grid, head_group, length_normalized=False)
+        score = _block_scores(q_means, k, grid, head_group)
         probs = score.masked_fill(~causal[None], -math.inf).softmax(dim=-1)
         if USE_LINE_KERNEL:
             vertical, slash = line_sums(probs, grid, blockwise=True)
@@ -260,10 +416,11 @@ def _route(q, k, cfg, grid: BlockGrid, head_group: int, pattern: str) -> Selecti
         vertical = R.keep_top_lines(vertical, n_vertical)
         slash = R.keep_top_lines(slash, budget - n_vertical)
         first_dense = math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)
-        mask, index, count = select_rows(MODE_BLOCKWISE, vertical, slash, probs, grid, budget, cfg.k_block,
+        mask, index, count, fraction = select_rows(MODE_BLOCKWISE, vertical, slash, probs, grid, budget, cfg.k_block,
                                          dense_first=first_dense, dense_last=True)
     width = max(1, grid.num_chunks)
-    return Selection(grid, mask, head_group, {("block_index", width): (index, count)})
+    return Selection(grid, mask, head_group, {("block_index", width): (index, count),
+                                              "causal_block_fraction": fraction})
 
 
 def try_route(q, k, cfg, grid: BlockGrid, head_group: int, pattern: str) -> Selection | None:
