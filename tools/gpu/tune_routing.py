@@ -36,6 +36,7 @@ LINES = [dict(lines_warps=8, lines_stages=2, lines_programs_per_sm=2),
          dict(lines_warps=8, lines_stages=2, lines_programs_per_sm=1),
          dict(lines_warps=8, lines_stages=2, lines_programs_per_sm=4),
          dict(lines_warps=4, lines_stages=3, lines_programs_per_sm=3)]
+TOPLINES = [8, 16, 32]
 
 
 def median_ms(fn, repeats):
@@ -74,8 +75,30 @@ def main(argv=None) -> int:
         row["v8_probs_plus_line_sums_ms"] = median_ms(
             lambda: routing_fused.line_sums(routing_triton.last_queries_probabilities(q_last, k, 4, 128)), args.repeats)
         keep = length // 16
-        row["top_line_prefixes_ms"] = median_ms(
-            lambda: routing_fused.top_line_prefixes(ref_v, ref_p, block, 128, keep, keep), args.repeats)
+        for warps in TOPLINES:
+            set_tune({"toplines_warps": warps})
+            row[f"top_line_prefixes_w{warps}_ms"] = median_ms(
+                lambda: routing_fused.top_line_prefixes(ref_v, ref_p, block, 128, keep, keep), args.repeats)
+        set_tune({})
+        v8_v, v8_s = routing_fused.line_sums(routing_triton.last_queries_probabilities(q_last, k, 4, 128))
+        row["top_line_prefixes_direct_ms"] = median_ms(
+            lambda: routing_fused.top_line_prefixes(v8_v, v8_s, 0, 128, keep, keep), args.repeats)
+        torch.cuda.synchronize()
+        # GPU time of each kernel alone (no host): CUDA graph of 10 calls
+        for name, fn in (("v9_line_sums", lambda: routing_triton.last_queries_line_sums(q_last, k, 4, 128)),
+                         ("v8_probs_line_sums", lambda: routing_fused.line_sums(
+                             routing_triton.last_queries_probabilities(q_last, k, 4, 128))),
+                         ("top_lines", lambda: routing_fused.top_line_prefixes(ref_v, ref_p, block, 128, keep, keep))):
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                for _ in range(10):
+                    fn()
+            row[f"{name}_gpu_ms"] = median_ms(graph.replay, 5) / 10
         sweeps = []
         for conf in STATS + LINES:
             set_tune(conf)

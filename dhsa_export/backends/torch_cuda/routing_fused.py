@@ -61,7 +61,9 @@ ENV_SWITCH = "DHSA_ROUTING_FUSED"  # "0": the torch path (A/B timing, debugging)
 PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise")
 MAX_CHUNKS = 8192
 USE_LINE_KERNEL = True  # tests set False to check the selection kernel bit for bit against torch
-USE_PROBS_LINES = True  # v9: vslash line sums from the logits (False: v8's probabilities + _line_sums)
+# v9: vslash line sums from the logits (False: v8's probabilities + _line_sums); DHSA_ROUTING_PROBS_LINES=0
+USE_PROBS_LINES = os.environ.get("DHSA_ROUTING_PROBS_LINES", "1") != "0"
+USE_TOP_LINES = True  # v9: _top_lines after v8's line sums too (False: topk + cumsum, the v8 path)
 _FAILED: list[str] = []
 
 MODE_VSLASH, MODE_BLOCKWISE, MODE_SCORE = 0, 1, 2
@@ -155,14 +157,17 @@ if triton is not None:
         n_forced = tl.sum(forced.to(tl.int32), 0)
         n_candidates = tl.sum(candidate.to(tl.int32), 0)
         take_total = tl.minimum(tl.maximum(budget - n_forced, 0), n_candidates)
-        # order-preserving integer image of the fp32 rank (-0.0 folded onto +0.0), in [0, 2^32)
+        # order-preserving signed int32 image of the fp32 rank (-0.0 folded onto +0.0); blocks that
+        # are not candidates get INT_MIN (a real rank never maps there: only a NaN pattern would)
         bits = (rank + 0.0).to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
-        key = tl.where(candidate, key, -1)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = tl.where(candidate, key, -2147483648)
         # largest threshold t with #(key >= t) >= take_total: the rank of the last block taken
-        threshold = tl.zeros([], tl.int64)
-        step = tl.full([], 2147483648, tl.int64)
-        for _ in range(32):
+        # (a 32-step bisection over the int32 range; v8 did the same in int64, 2x the instructions)
+        threshold = tl.full([], -2147483648, tl.int32)
+        threshold = tl.where(tl.sum((key >= 0).to(tl.int32), 0) >= take_total, 0, threshold)
+        step = tl.full([], 1073741824, tl.int32)
+        for _ in range(31):
             trial = threshold + step
             count = tl.sum((key >= trial).to(tl.int32), 0)
             threshold = tl.where(count >= take_total, trial, threshold)
@@ -188,9 +193,13 @@ if triton is not None:
         tl.store(AREA_OUT + row, tl.sum(tl.where(selected, end - start, 0), 0) * q_len)
 
 
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
     @triton.jit(do_not_specialize=["width", "n_rows", "num_tiles", "keep_vertical", "keep_slash"])
     def _top_lines(V, SP, SLASH, OUT_V, OUT_S, width, n_rows, num_tiles, keep_vertical, keep_slash,
-                   TILE: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                   TILE: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, ASSEMBLE: tl.constexpr):
         """Per (routing head, kind): the prefix sums of the ``keep`` largest lines (others 0).
 
         kind 0: the vertical sums ``V``; kind 1: the slash sums, first assembled from the tile
@@ -209,6 +218,7 @@ if triton is not None:
             src = SLASH + head * width
             out = OUT_S + head * width
             keep = keep_slash
+        if ASSEMBLE and kind == 1:  # slash sums from the tile partials (else SLASH holds them)
             first = width - n_rows
             sp = SP + head * num_tiles * (2 * TILE)
             for start in range(0, width, BLOCK):
@@ -261,8 +271,15 @@ if triton is not None:
             order = tl.cumsum(equal.to(tl.int32), 0) + equal_seen
             kept = ok & ((key > threshold) | (equal & (order <= take_equal)))
             prefix = tl.cumsum(tl.where(kept, tl.maximum(x, 0.0), 0.0), 0) + carry
-            tl.store(out + o, prefix, mask=ok)
-            carry = tl.max(tl.where(ok & (o == tl.minimum(start + BLOCK, width) - 1), prefix, float("-inf")), 0)
+            tl.store(out + o, prefix, mask=kept)
+            # a line not kept repeats the prefix of the last kept one bit for bit (the tree scan does
+            # not: then _select_rows would see a tiny nonzero mass where no line was kept)
+            last = tl.associative_scan(tl.where(kept, o, -1), 0, _max_combine)
+            tl.debug_barrier()
+            repeat = tl.load(out + tl.maximum(last, 0), mask=ok & ~kept & (last >= 0), other=0.0)
+            tl.store(out + o, tl.where(last >= 0, repeat, carry), mask=ok & ~kept)
+            last_kept = tl.max(last, 0)
+            carry = tl.where(last_kept >= 0, tl.max(tl.where(o == last_kept, prefix, float("-inf")), 0), carry)
             equal_seen += tl.sum(equal.to(tl.int32), 0)
 
 
@@ -286,17 +303,21 @@ def line_sums(probs: torch.Tensor, grid: BlockGrid | None = None, blockwise: boo
 def top_line_prefixes(vertical: torch.Tensor, partials: torch.Tensor, tile: int, n_rows: int,
                       keep_vertical: int, keep_slash: int):
     """``(cumsum(keep_top_lines(vertical, keep_vertical)), cumsum(keep_top_lines(slash, keep_slash)))``
-    with the slash sums assembled from ``routing_triton.last_queries_line_sums``' tile partials:
-    one launch of ``_top_lines`` (ties at the threshold kept in index order)."""
+    with the slash sums assembled from ``routing_triton.last_queries_line_sums``' tile partials
+    (``tile`` > 0), or given as ``partials [Hr, W]`` (``tile`` = 0): one launch of ``_top_lines``
+    (ties at the threshold kept in index order)."""
     heads, width = vertical.shape
     out_v = torch.empty_like(vertical)
     out_s = torch.empty_like(vertical)
-    slash = torch.empty_like(vertical)
+    assemble = tile > 0
+    slash = torch.empty_like(vertical) if assemble else partials.contiguous()
     single = width <= 65536
     block = max(16, triton.next_power_of_2(width)) if single else 16384
-    _top_lines[(heads, 2)](vertical, partials, slash, out_v, out_s, width, n_rows, partials.shape[1],
-                           max(0, keep_vertical), max(0, keep_slash), TILE=tile, BLOCK=block, SINGLE=single,
-                           num_warps=32 if block >= 16384 else (16 if block >= 4096 else 4))
+    warps = routing_triton._tune()["toplines_warps"]
+    _top_lines[(heads, 2)](vertical.contiguous(), partials, slash, out_v, out_s, width, n_rows,
+                           partials.shape[1] if assemble else 1, max(0, keep_vertical), max(0, keep_slash),
+                           TILE=max(tile, 1), BLOCK=block, SINGLE=single, ASSEMBLE=assemble,
+                           num_warps=warps if block >= 4096 else 4)
     return out_v, out_s
 
 
@@ -397,8 +418,11 @@ def route_parts(q_means, q_last, k, cfg, grid: BlockGrid, head_group: int, patte
                 vertical, slash = line_sums(probs)
             else:
                 vertical, slash = probs.sum(dim=1), R.sum_along_diagonals_of_last_rows(probs)
-            vertical = R.keep_top_lines(vertical, n_vertical).cumsum(-1)
-            slash = R.keep_top_lines(slash, budget_tokens - n_vertical).cumsum(-1)
+            if USE_TOP_LINES and USE_LINE_KERNEL:
+                vertical, slash = top_line_prefixes(vertical, slash, 0, n_last, n_vertical, budget_tokens - n_vertical)
+            else:
+                vertical = R.keep_top_lines(vertical, n_vertical).cumsum(-1)
+                slash = R.keep_top_lines(slash, budget_tokens - n_vertical).cumsum(-1)
         fallback = torch.sigmoid(_block_scores(q_means, k, grid, head_group))
         first_dense = math.ceil(cfg.budget_tokens(key_length) / cfg.q_block)
         mask, index, count, fraction = select_rows(MODE_VSLASH, vertical, slash, fallback, grid, budget, cfg.k_block,

@@ -202,8 +202,8 @@ def try_last_queries_probabilities(q, k, head_group, n_last):
 
 LOG2E = 1.4426950408889634
 # tile / launch settings (tools/gpu/tune_routing.py sweeps them; DHSA_ROUTING_TUNE="key=value,...")
-TUNE = {"stats_block_n": 64, "stats_warps": 4, "stats_stages": 3, "stats_splits": 32,
-        "lines_warps": 8, "lines_stages": 2, "lines_programs_per_sm": 2}
+TUNE = {"stats_block_n": 64, "stats_warps": 8, "stats_stages": 3, "stats_splits": 64,
+        "lines_warps": 8, "lines_stages": 2, "lines_programs_per_sm": 2, "toplines_warps": 32}
 
 
 def _tune() -> dict:
@@ -284,9 +284,6 @@ if triton is not None:
         local = tl.arange(0, B)
         dims = tl.arange(0, HEAD_DIM)
         scratch = SCRATCH + pid.to(tl.int64) * (B * B)
-        tile_ptr = scratch + rows[:, None] * B + local[None, :]
-        rot_ptr = scratch + rows[:, None] * B + ((rows[:, None] - local[None, :]) & (B - 1))
-        lower = rows[:, None] >= local[None, :]
         for work in range(pid, total, tl.num_programs(0)):
             route_head = work // num_tiles
             tile = work % num_tiles
@@ -294,26 +291,27 @@ if triton is not None:
             acc = tl.zeros([B, B], tl.float32)
             if SHARED_KV:  # the group's heads share one KV head: one key tile
                 k = tl.load(K + ((route_head * head_group) // group_size) * stride_kh
-                            + cols[:, None].to(tl.int64) * stride_kl + dims[None, :],
+                            + cols[:, None] * stride_kl + dims[None, :],
                             mask=cols[:, None] < key_length, other=0.0)
             for j in range(0, head_group):
                 head = route_head * head_group + j
                 q = tl.load(Q + head * stride_qh + rows[:, None] * stride_qn + dims[None, :],
                             mask=rows[:, None] < n_rows, other=0.0)
                 if not SHARED_KV:
-                    k = tl.load(K + (head // group_size) * stride_kh + cols[:, None].to(tl.int64) * stride_kl
+                    k = tl.load(K + (head // group_size) * stride_kh + cols[:, None] * stride_kl
                                 + dims[None, :], mask=cols[:, None] < key_length, other=0.0)
                 lse = tl.load(LSE + head * B + rows)
                 acc += tl.exp2(tl.dot(q, tl.trans(k)) * scale2 - lse[:, None])
             visible = ((cols[None, :] < key_length) & (cols[None, :] <= first_position + rows[:, None])
                        & (rows[:, None] < n_rows))
             acc = tl.where(visible, acc, 0.0) / head_group
-            tl.store(V_OUT + route_head * key_length + cols, tl.sum(acc, 0),
-                     mask=cols < key_length)
+            tl.store(V_OUT + route_head * key_length + cols, tl.sum(acc, 0), mask=cols < key_length)
             tl.debug_barrier()  # the previous tile's rotated reads are done
-            tl.store(tile_ptr, acc)
+            tl.store(scratch + (rows[:, None] * B + local[None, :]), acc)
             tl.debug_barrier()
-            rot = tl.load(rot_ptr)
+            # offsets computed here, not kept across the loop (a [B, B] pointer tensor is 2 x 64 registers)
+            rot = tl.load(scratch + (rows[:, None] * B + ((rows[:, None] - local[None, :]) & (B - 1))))
+            lower = rows[:, None] >= local[None, :]
             out = SP_OUT + work * (2 * B)
             tl.store(out + B + local, tl.sum(tl.where(lower, rot, 0.0), 0))  # diagonal i - j = m
             tl.store(out + local, tl.sum(tl.where(lower, 0.0, rot), 0))  # diagonal i - j = m - B
