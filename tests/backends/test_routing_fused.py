@@ -241,22 +241,41 @@ def test_top_lines_kernel_exact_ties(width, keep, ties):
 @pytest.mark.parametrize("shape", SHAPES + [(32, 8, 8192, 8192, 128, 128, 32, 0.125)],
                          ids=[f"s{i}" for i in range(len(SHAPES) + 1)])
 def test_v9_vslash_agrees_with_v8_line_sums(routing, shape, monkeypatch):
-    """The v9 vslash path (line sums from the logits, _top_lines) vs v8's (probabilities matrix,
-    _line_sums, topk, cumsum): near-tie flips only."""
+    """The experimental line sums from the logits (``DHSA_ROUTING_PROBS_LINES=1``), the default
+    (v9 pass 1 + v8 probabilities and _line_sums + _top_lines) and v8's (+ topk, cumsum) agree with
+    the torch path up to near-tie flips."""
     fused = _fused()
     q, k = _qk(shape, torch.bfloat16, seed=17)
     cfg = _cfg(shape, "vslash", routing)
+    default = route(q, k, cfg)
+    monkeypatch.setattr(fused, "USE_PROBS_LINES", True)
     got = route(q, k, cfg)
     monkeypatch.setattr(fused, "USE_PROBS_LINES", False)
+    monkeypatch.setattr(fused, "USE_TOP_LINES", False)
     v8 = route(q, k, cfg)
     want = _torch_route(q, k, cfg, monkeypatch)
-    for other in (v8, want):
-        differing = int((got.mask != other.mask).sum())
-        assert differing <= max(2, 1e-3 * other.mask.numel()), f"{differing} of {other.mask.numel()}"
-    index, count = _indices(got)
-    assert torch.equal(count, got.mask.sum(-1).to(torch.int32))
-    assert torch.equal(index, Selection(got.grid, got.mask, got.head_group).to_block_index(
-        max(1, got.grid.num_chunks))[0])
+    for a, b in ((got, default), (got, v8), (got, want), (default, want), (default, v8)):
+        differing = int((a.mask != b.mask).sum())
+        assert differing <= max(2, 1e-3 * b.mask.numel()), f"{differing} of {b.mask.numel()}"
+    for sel in (got, default):
+        index, count = _indices(sel)
+        assert torch.equal(count, sel.mask.sum(-1).to(torch.int32))
+        assert torch.equal(index, Selection(sel.grid, sel.mask, sel.head_group).to_block_index(
+            max(1, sel.grid.num_chunks))[0])
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 128, 8192, 128, 4), (8, 2, 100, 3001, 64, 1), (4, 1, 1, 333, 64, 4),
+                                   (8, 2, 200, 1000, 64, 4)])
+def test_probabilities_with_v9_pass1_match_torch(shape):
+    """v9's pass 1 (_row_stats2 + _merge_lse, row blocks for n > 128) feeding _group_probs."""
+    from dhsa_export.backends.torch_cuda import routing_triton as T
+
+    hq, hkv, n, length, d, group = shape
+    gen = torch.Generator(device="cuda").manual_seed(length + 1)
+    q = (torch.randn(hq, length, d, device="cuda", generator=gen) * 1.5).bfloat16()
+    k = (torch.randn(hkv, length, d, device="cuda", generator=gen) + 0.3).bfloat16()
+    torch.testing.assert_close(T.last_queries_probabilities(q, k, group, n), _torch_probs(q, k, group, n),
+                               rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

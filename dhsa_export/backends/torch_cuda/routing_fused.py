@@ -61,8 +61,10 @@ ENV_SWITCH = "DHSA_ROUTING_FUSED"  # "0": the torch path (A/B timing, debugging)
 PATTERNS = ("topk", "ashape", "vslash", "vslash_blockwise")
 MAX_CHUNKS = 8192
 USE_LINE_KERNEL = True  # tests set False to check the selection kernel bit for bit against torch
-# v9: vslash line sums from the logits (False: v8's probabilities + _line_sums); DHSA_ROUTING_PROBS_LINES=0
-USE_PROBS_LINES = os.environ.get("DHSA_ROUTING_PROBS_LINES", "1") != "0"
+# v9 experiment: vslash line sums straight from the logits (_probs_lines; no probabilities matrix).
+# Measured slower than v8's probabilities + _line_sums on the H200 (0.62 vs 0.50 ms at 32K, see
+# docs/GPU_NOTES.md v9), so off by default; DHSA_ROUTING_PROBS_LINES=1 turns it on.
+USE_PROBS_LINES = os.environ.get("DHSA_ROUTING_PROBS_LINES", "0") == "1"
 USE_TOP_LINES = True  # v9: _top_lines after v8's line sums too (False: topk + cumsum, the v8 path)
 _FAILED: list[str] = []
 
