@@ -14,19 +14,27 @@ indices. Here (CUDA + Triton only; the CPU path and the reference are untouched)
    fallback, or the raw block score), the geometry (causal, sink, diagonal / local window, dense
    rows), the budget selection (forced blocks first, then the ``budget - forced`` best candidates,
    ties in chunk order: the rank of the budget's last block is found by a 32-step bisection on the
-   order-preserving integer image of the fp32 scores, equal scores are taken in chunk order by a
+   order-preserving int32 image of the fp32 scores, equal scores are taken in chunk order by a
    prefix count) and writes the mask, the kernel's ``block_index`` (ascending, padded with -1,
-   width ``nC``) and ``block_count``.
+   width ``nC``), ``block_count`` and (v9) the row's selected token pairs, from which
+   :func:`causal_fraction` gives ``Selection.causal_block_fraction_tensor()``.
+
+3. ``_top_lines`` (``vslash``, v9): per (routing head, vertical / slash) the prefix sums of the
+   ``keep`` largest lines, the others 0 (``cumsum(keep_top_lines(...))`` in one launch: a 31-step
+   bisection on the int32 image of the fp32 line sums, ties at the threshold kept in index order,
+   then a chunked scan in which a line not kept repeats the last kept prefix bit for bit).
 
 What stays in torch: block means and the block-score GEMM, the last-queries probabilities
-(:mod:`.routing_triton`), the block softmax of ``vslash_blockwise``, the top lines (``topk``) and
-their two prefix sums: the same ops as the torch path.
+(:mod:`.routing_triton`), the block softmax of ``vslash_blockwise`` and its top lines (``topk``).
+:func:`query_parts` / :func:`route_parts` split the routing into what it reads of ``q`` (block
+means, the last ``q_block`` rows) and the rest, so that the routing graphs copy only those.
 
 Agreement with the torch path: ``_select_rows`` performs the same fp32 operations on the same
 inputs as ``scatter_lines_to_blocks`` / ``line_rank`` / ``select_under_budget`` /
 ``to_block_index`` (same prefix-sum differences, same ``1 + line``, same clamp; the selection rule
 with stable ties is exact), so for ``topk`` / ``ashape`` the selection is bit-identical, and for the
-``vslash`` patterns it is bit-identical given the same line sums. The line sums of ``_line_sums``
+``vslash`` patterns it is bit-identical given the same line sums and top lines (``topk`` +
+``cumsum`` with ``USE_LINE_KERNEL = False``). The line sums of ``_line_sums``
 add the same fp32 numbers in another order than torch's reductions (rows in groups of 16, then a
 tree), so a line whose mass ties another's to the last bits can be ranked differently (the torch
 ``topk`` itself picks arbitrarily among exactly equal lines). Tested on the GPU

@@ -85,6 +85,18 @@ def _blocks(n_rows: int) -> int:
     return 64 if n_rows <= 64 else 128
 
 
+def _operands(q, k, n_last, scale):
+    """``(q_last, k, scale, group_size)``: the last ``n_last`` rows of ``q``, both with unit
+    innermost stride (the kernels' loads), the softmax scale (default ``1 / sqrt(D)``)."""
+    q_last = q[:, -n_last:]
+    if q_last.stride(-1) != 1:
+        q_last = q_last.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return q_last, k, scale, q.shape[0] // k.shape[0]
+
+
 def _row_log_sum_exp(q_last, k, scale, group_size):
     """Log-sum-exp of every row's scaled causal logits: ``[Hq, n]`` (natural log; see ``_row_lse2``)."""
     return _row_lse2(q_last, k, scale * LOG2E, group_size, _blocks(q_last.shape[1]), q_last.shape[1], natural=True)
@@ -101,15 +113,8 @@ def last_queries_probabilities(q: torch.Tensor, k: torch.Tensor, head_group: int
     32K on an H200) instead of v4's ``_row_stats`` + ``torch.logsumexp``; the same function up to
     fp32 rounding.
     """
-    hq, _, d = q.shape
-    hkv, key_length, _ = k.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q_last = q[:, -n_last:]
-    if q_last.stride(-1) != 1:
-        q_last = q_last.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    group_size = hq // hkv
+    q_last, k, scale, group_size = _operands(q, k, n_last, scale)
+    hq, key_length, d = q.shape[0], k.shape[1], q.shape[-1]
     row_lse = _row_log_sum_exp(q_last, k, scale, group_size)
     route_heads = hq // head_group
     probs = torch.empty(route_heads, n_last, key_length, device=q.device, dtype=torch.float32)
@@ -322,16 +327,10 @@ def last_queries_line_sums(q: torch.Tensor, k: torch.Tensor, head_group: int, n_
     last ``n_last`` (<= 128) rows of ``q [Hq, Lq, D]`` (or of ``q`` itself when it has ``n_last``
     rows) over ``k [Hkv, Lk, D]``; see ``_probs_lines``. ``slash[o]`` (the sum over rows ``i`` of
     ``P[i, Lk - n_last + i - o]``) is the sum of two partials: :func:`slash_from_partials`."""
-    hq, _, d = q.shape
-    hkv, key_length, _ = k.shape
+    q_last, k, scale, group_size = _operands(q, k, n_last, scale)
+    hq, key_length, d = q.shape[0], k.shape[1], q.shape[-1]
     conf = _tune()
-    scale2 = (1.0 / math.sqrt(d) if scale is None else scale) * LOG2E
-    q_last = q[:, -n_last:]
-    if q_last.stride(-1) != 1:
-        q_last = q_last.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    group_size = hq // hkv
+    scale2 = scale * LOG2E
     block = 64 if n_last <= 64 else 128
     first = key_length - n_last
     lse = _row_lse2(q_last, k, scale2, group_size, block, block, natural=False)
