@@ -245,8 +245,9 @@ class RoutingGraphCache:
             if parts:
                 q_means, q_last = routing_fused.query_parts(q, cfg, grid, pattern)
                 static_q = q_means.clone()
-                if q_last is not None:
-                    static_q_last = q_last.contiguous().clone()
+                if q_last is not None:  # q's layout where the rows are dense (transformers' [L, H, D])
+                    static_q_last = torch.empty_like(q_last)
+                    static_q_last.copy_(q_last)
             else:
                 static_q = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=device)
                 static_q.copy_(q)
