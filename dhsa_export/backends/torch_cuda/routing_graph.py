@@ -5,7 +5,10 @@ Routing one sequence (:func:`dhsa_export.algo.routing.route`) is about 110 small
 (docs/GPU_NOTES.md, v4). A :class:`RoutingGraphCache` captures, per input layout and config, the
 routing of one sequence together with the kernel's block indices and the causal-block fraction in
 one ``torch.cuda.CUDAGraph``, and replays it: two copies into static input buffers, one replay,
-four clones out (the clones keep every returned selection valid after later replays).
+four clones out (the clones keep every returned selection valid after later replays). Where the
+fused routing (:mod:`.routing_fused`) runs, the graph's inputs are what it reads of ``q``: the block
+means (computed before the replay by the same code as eager routing) and, for ``vslash``, the last
+``q_block`` rows, instead of a copy of all of ``q`` (v9: ~0.13 ms at 32K).
 
 The graph runs the same kernels on the same data layout as the eager call (the static buffers get
 the input's strides), so the selection is the same bit for bit (tested on the GPU). Eager routing
@@ -137,7 +140,7 @@ def _clear_cublas_workspaces() -> None:
 @dataclass
 class _Entry:
     replay: Callable[[], None]
-    static_q: torch.Tensor
+    static_q: torch.Tensor  # all of q, or (fused routing) q's block means
     static_k: torch.Tensor
     outputs: tuple  # mask, block_index, block_count, causal_block_fraction
     grid: BlockGrid
@@ -147,6 +150,8 @@ class _Entry:
     tokens: int
     pattern: str
     replays: int = 0
+    static_q_last: torch.Tensor | None = None  # fused vslash: q's last q_block rows
+    parts: bool = False  # the static inputs are routing_fused.query_parts(q), not q
 
 
 class RoutingGraphCache:
@@ -194,7 +199,7 @@ class RoutingGraphCache:
             self.counts["eager"] += 1
             return route(q, k, cfg, chunk_offsets)
         self._entries.move_to_end(key)
-        return self._replay(entry, q, k)
+        return self._replay(entry, q, k, cfg)
 
     def key(self, q: torch.Tensor, k: torch.Tensor, cfg: DHSAConfig):
         """The cache key of a call, or None where routing must run eagerly."""
@@ -228,16 +233,33 @@ class RoutingGraphCache:
 
     def _capture(self, key, q, k, cfg) -> _Entry | None:
         device = q.device
+        pattern = cfg.effective_pattern(k.shape[1])
         with torch.inference_mode(False), torch.no_grad():
-            static_q = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=device)
-            static_k = torch.empty_strided(k.shape, k.stride(), dtype=k.dtype, device=device)
-            static_q.copy_(q)
-            static_k.copy_(k)
             grid = fixed_grid(q.shape[1], k.shape[1], cfg, device)
             width = max(1, grid.num_chunks)  # what the kernel wrappers ask for (no readback)
+            head_group = routing_heads(q.shape[0], k.shape[0], cfg)
+            # fused routing reads only q's block means and (vslash) its last q_block rows: the graph
+            # takes those (computed outside it, by the same code as eager routing) instead of all of q
+            parts = q.device.type == "cuda" and routing_fused.supports(q, grid, pattern)
+            static_q_last = None
+            if parts:
+                q_means, q_last = routing_fused.query_parts(q, cfg, grid, pattern)
+                static_q = q_means.clone()
+                if q_last is not None:  # q's layout where the rows are dense (transformers' [L, H, D])
+                    static_q_last = torch.empty_like(q_last)
+                    static_q_last.copy_(q_last)
+            else:
+                static_q = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=device)
+                static_q.copy_(q)
+            static_k = torch.empty_strided(k.shape, k.stride(), dtype=k.dtype, device=device)
+            static_k.copy_(k)
 
             def body():
-                selection = route(static_q, static_k, cfg)
+                if parts:
+                    selection = routing_fused.route_parts(static_q, static_q_last, static_k, cfg, grid,
+                                                          head_group, pattern)
+                else:
+                    selection = route(static_q, static_k, cfg)
                 index, count = selection.to_block_index(width)
                 return selection.mask, index, count, selection.causal_block_fraction_tensor()
 
@@ -251,9 +273,10 @@ class RoutingGraphCache:
                                   f"for that shape", RuntimeWarning, stacklevel=3)
                 self._refuse(key, reason)
                 return None
-        static_bytes = static_q.numel() * static_q.element_size() + static_k.numel() * static_k.element_size()
-        entry = _Entry(replay, static_q, static_k, tuple(outputs), grid, routing_heads(q.shape[0], k.shape[0], cfg),
-                       width, static_bytes + pool, k.shape[1], cfg.effective_pattern(k.shape[1]))
+        static_bytes = sum(t.numel() * t.element_size() for t in (static_q, static_k, static_q_last)
+                           if t is not None)
+        entry = _Entry(replay, static_q, static_k, tuple(outputs), grid, head_group,
+                       width, static_bytes + pool, k.shape[1], pattern, static_q_last=static_q_last, parts=parts)
         self.counts["captures"] += 1
         if entry.nbytes > self.max_bytes:
             self._refuse(key, f"graph needs {entry.nbytes / 2**20:.0f} MiB > {ENV_MAX_MB} budget "
@@ -265,9 +288,15 @@ class RoutingGraphCache:
             self.counts["evictions"] += 1
         return entry
 
-    def _replay(self, entry: _Entry, q: torch.Tensor, k: torch.Tensor) -> Selection:
+    def _replay(self, entry: _Entry, q: torch.Tensor, k: torch.Tensor, cfg: DHSAConfig) -> Selection:
         with torch.no_grad():
-            entry.static_q.copy_(q)
+            if entry.parts:
+                q_means, q_last = routing_fused.query_parts(q, cfg, entry.grid, entry.pattern)
+                entry.static_q.copy_(q_means)
+                if entry.static_q_last is not None:
+                    entry.static_q_last.copy_(q_last)
+            else:
+                entry.static_q.copy_(q)
             entry.static_k.copy_(k)
             entry.replay()
             mask, index, count, fraction = (t.clone() for t in entry.outputs)
