@@ -200,6 +200,15 @@ def bench_attention(tokens: list[int], shape: str = "llama3.1-8b", density: floa
     return {"machine": machine_info(), "rows": rows}
 
 
+def random_qkv(length: int, heads: tuple[int, int, int] = SHAPES["llama3.1-8b"], seed: int = 0):
+    """Seeded random bf16 ``q [1, Hq, L, D]``, ``k`` / ``v [1, Hkv, L, D]`` on the GPU (the benchmarks'
+    and the GPU tools' inputs)."""
+    hq, hkv, d = heads
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return tuple(torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                 for h in (hq, hkv, hkv))
+
+
 def _bench_length(length: int, heads: tuple[int, int, int], cfg: DHSAConfig, warmup: int, repeats: int,
                   sdpa: bool, flex_fn, flex_exact: bool, variants: tuple[str, ...], seed: int) -> dict:
     """One row of :func:`bench_attention`: DHSA (routing eager and from CUDA graphs, kernel) and the
@@ -209,11 +218,7 @@ def _bench_length(length: int, heads: tuple[int, int, int], cfg: DHSAConfig, war
     from ..backends.torch_cuda.routing_graph import RoutingGraphCache
 
     hq, hkv, d = heads
-    device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(seed + length)
-    q = torch.randn(1, hq, length, d, device=device, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, hkv, length, d, device=device, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(1, hkv, length, d, device=device, dtype=torch.bfloat16, generator=gen)
+    q, k, v = random_qkv(length, heads, seed + length)
     row = {"tokens": length, "pattern": cfg.effective_pattern(length), "density": cfg.density,
            "head_routing": cfg.head_routing}
     graphs = RoutingGraphCache()  # this length's graphs only (limits from the environment)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 
@@ -18,20 +17,11 @@ from dhsa_export import DHSAConfig
 from dhsa_export.algo.routing import route
 from dhsa_export.backends.torch_cuda import route_cuda
 from dhsa_export.backends.torch_cuda.ops import routing_function
+from dhsa_export.bench.timing import median_ms
 
 
 def timed(fn, repeats=5, warmup=2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    return median_ms(fn, warmup, repeats)
 
 
 def rows(index, count):

@@ -17,18 +17,11 @@ import statistics
 import torch
 
 
-def event_ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def main(argv=None) -> int:
     from dhsa_export.backends.torch_cuda import launch, route_batch, selections_to_indices
     from dhsa_export.backends.torch_cuda.routing_graph import RoutingGraphCache
+    from dhsa_export.bench.attention import random_qkv
+    from dhsa_export.bench.timing import time_call_ms
     from dhsa_export.config import DHSAConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,10 +32,7 @@ def main(argv=None) -> int:
     cfg = DHSAConfig(density=0.125)
     rows = []
     for length in (int(t) for t in args.tokens.split(",")):
-        gen = torch.Generator(device="cuda").manual_seed(length)
-        q = torch.randn(1, 32, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k, v = random_qkv(length, seed=length)
         graphs = RoutingGraphCache()
 
         def routing():
@@ -70,7 +60,7 @@ def main(argv=None) -> int:
         times = {name: [] for name in parts}
         for _ in range(args.repeats):
             for name, fn in parts.items():
-                times[name].append(event_ms(fn))
+                times[name].append(time_call_ms(fn, "cuda")[1])
         row = {"tokens": length, **{f"{n}_ms": statistics.median(t) for n, t in times.items()},
                "samples": times}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -31,6 +31,7 @@ def work_shape(count: torch.Tensor, k_block: int, key_tile: int = 128, tiles_per
 def main(argv=None) -> int:
     from dhsa_export.backends.torch_cuda import launch, raise_on_error_flag, route_batch, selections_to_indices
     from dhsa_export.backends.torch_cuda.library import VARIANTS
+    from dhsa_export.bench.attention import random_qkv
     from dhsa_export.config import DHSAConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,10 +44,7 @@ def main(argv=None) -> int:
     cfg = DHSAConfig(density=0.125)
     rows = []
     for length in (int(t) for t in args.tokens.split(",")):
-        gen = torch.Generator(device="cuda").manual_seed(length)
-        q = torch.randn(1, 32, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k, v = random_qkv(length, seed=length)
         sels, variable = route_batch(q, k, cfg, graphs=False)
         index, count, offsets = selections_to_indices(sels, variable)
         cbf = sels[0].causal_block_fraction()

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dhsa_export.backends.torch_cuda import routing_fused, routing_triton  # noqa: E402
+from dhsa_export.bench import timing  # noqa: E402
 
 STATS = [dict(stats_block_n=64, stats_warps=4, stats_stages=3, stats_splits=32),
          dict(stats_block_n=128, stats_warps=8, stats_stages=3, stats_splits=32),
@@ -40,17 +41,7 @@ TOPLINES = [8, 16, 32]
 
 
 def median_ms(fn, repeats):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return timing.median_ms(fn, 3, repeats)
 
 
 def set_tune(conf: dict):
