@@ -25,7 +25,7 @@ from ...errors import DHSAError
 
 LIBRARY_NAME = "libdhsa_kernels.so"
 SOURCE_FILES = ("dhsa_kernels.cu", "block_sparse_attention.cuh", "block_sparse_attention_sm90.cuh",
-                "route_kernels.cuh", "dhsa_kernels.h")
+                "route_kernels.cuh", "chunk_offsets_kernels.cuh", "dhsa_kernels.h")
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 NVCC_FLAGS = ("-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC", "-lineinfo")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...errors import DHSAError
 from .build import build_library
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 STATUS_OK = 0
 STATUS_INDEX_ERROR = 5
@@ -94,6 +94,30 @@ class DhsaRouteParams(ctypes.Structure):
                       "num_kv_heads", "q_len", "k_len", "head_dim", "offsets_width", "dtype")
 
 
+class DhsaChunkOffsetsParams(ctypes.Structure):
+    """Mirror of ``DhsaChunkOffsetsParams``: buffers and sizes, then the registry's ChunkOffsets
+    attributes in registry order under the same names."""
+
+    _fields_ = [
+        ("key", ctypes.c_void_p),
+        ("boundary_probs", ctypes.c_void_p),
+        ("offsets", ctypes.c_void_p),
+        ("counts", ctypes.c_void_p),
+        ("batch", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("length", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("min_chunk", ctypes.c_int32),
+        ("max_chunk", ctypes.c_int32),
+        ("window", ctypes.c_int32),
+        ("threshold", ctypes.c_double),
+    ]
+
+    PROBLEM_FIELDS = ("key", "boundary_probs", "offsets", "counts", "batch", "num_kv_heads", "length",
+                      "head_dim", "dtype")
+
+
 def route_attribute_fields(attrs: dict) -> dict:
     """Route node attributes (registry names) -> the ``DhsaRouteParams`` attribute fields."""
     values = dict(attrs)
@@ -151,6 +175,11 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         lib.dhsa_route_forward.argtypes = [route_params, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         lib.dhsa_route_read_error_flag.restype = ctypes.c_int
         lib.dhsa_route_read_error_flag.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32)]
+        chunk_params = ctypes.POINTER(DhsaChunkOffsetsParams)
+        lib.dhsa_chunk_offsets_workspace_size.restype = ctypes.c_int
+        lib.dhsa_chunk_offsets_workspace_size.argtypes = [chunk_params, ctypes.POINTER(ctypes.c_size_t)]
+        lib.dhsa_chunk_offsets_forward.restype = ctypes.c_int
+        lib.dhsa_chunk_offsets_forward.argtypes = [chunk_params, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         _LIB = lib
         return lib
 
@@ -199,3 +228,16 @@ def route_forward(lib: ctypes.CDLL, params: DhsaRouteParams, workspace: int, wor
 def route_read_error_flag(lib: ctypes.CDLL, workspace: int, stream: int) -> None:
     flag = ctypes.c_int32(0)
     check(lib, lib.dhsa_route_read_error_flag(workspace, stream, ctypes.byref(flag)), "Route")
+
+
+def chunk_offsets_workspace_size(lib: ctypes.CDLL, params: DhsaChunkOffsetsParams) -> int:
+    size = ctypes.c_size_t(0)
+    check(lib, lib.dhsa_chunk_offsets_workspace_size(ctypes.byref(params), ctypes.byref(size)),
+          "dhsa_chunk_offsets_workspace_size")
+    return int(size.value)
+
+
+def chunk_offsets_forward(lib: ctypes.CDLL, params: DhsaChunkOffsetsParams, workspace: int, workspace_bytes: int,
+                          stream: int) -> None:
+    check(lib, lib.dhsa_chunk_offsets_forward(ctypes.byref(params), workspace, workspace_bytes, stream),
+          "dhsa_chunk_offsets_forward")

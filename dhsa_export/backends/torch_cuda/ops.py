@@ -214,6 +214,51 @@ def route_cuda(q: torch.Tensor, k: torch.Tensor, cfg: DHSAConfig | dict,
     return block_index, block_count
 
 
+def chunk_offsets_params(key: torch.Tensor, boundary_probs: torch.Tensor | None, attrs: dict
+                         ) -> "library.DhsaChunkOffsetsParams":
+    """``DhsaChunkOffsetsParams`` for ``key [B, Hkv, L, D]``, optional float32 ``boundary_probs [B, L]``
+    and ChunkOffsets node attributes (registry names); output pointers unset."""
+    from ...onnx.registry import CHUNK_OFFSETS
+
+    values = {**CHUNK_OFFSETS.defaults(), **attrs}
+    b, hkv, length, d = key.shape
+    return library.DhsaChunkOffsetsParams(
+        key=key.data_ptr(), boundary_probs=boundary_probs.data_ptr() if boundary_probs is not None else None,
+        batch=b, num_kv_heads=hkv, length=length, head_dim=d, dtype=_ROUTE_DTYPES[key.dtype],
+        **{a.name: values[a.name] for a in CHUNK_OFFSETS.attributes},
+    )
+
+
+def chunk_offsets_cuda(key: torch.Tensor, boundary_probs: torch.Tensor | None = None, **attrs) -> torch.Tensor:
+    """``dhsa::ChunkOffsets`` with the CUDA C++ kernels (``plugins/trt/kernels/chunk_offsets_kernels.cuh``).
+
+    ``key [B, Hkv, L, D]`` (CUDA, fp16 / bf16 / fp32) layer-0 key states; ``boundary_probs [B, L]`` the
+    predictor's probabilities (None: the similarity rule); ``attrs`` ChunkOffsets node attributes
+    (registry defaults otherwise). Returns int32 ``[B, nC + 1]``, rows padded with ``L`` to the
+    longest, as :func:`dhsa_export.check.references.reference_chunk_offsets`. Synchronizes once (the
+    width is data dependent).
+    """
+    _check_4d_cuda((("key", key),), _ROUTE_DTYPES, "chunk_offsets_cuda", "float16, bfloat16 or float32")
+    b, _, length, _ = key.shape
+    if boundary_probs is not None:
+        if tuple(boundary_probs.shape) != (b, length):
+            raise DHSAError(f"boundary_probs has shape {tuple(boundary_probs.shape)}; expected [B={b}, L={length}]")
+        boundary_probs = boundary_probs.to(device=key.device, dtype=torch.float32).contiguous()
+    key = key.contiguous()
+    lib = library.load_library()
+    params = chunk_offsets_params(key, boundary_probs, attrs)
+    offsets = torch.empty(b, length + 1, dtype=torch.int32, device=key.device)
+    counts = torch.empty(b, dtype=torch.int32, device=key.device)
+    params.offsets, params.counts = offsets.data_ptr(), counts.data_ptr()
+    nbytes = library.chunk_offsets_workspace_size(lib, params)
+    workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=key.device)
+    with torch.cuda.device(key.device):
+        stream = torch.cuda.current_stream(key.device).cuda_stream
+        library.chunk_offsets_forward(lib, params, workspace.data_ptr(), nbytes, stream)
+    width = int(counts.max())
+    return offsets[:, :width].contiguous()
+
+
 def selections_to_indices(selections: list[Selection], variable: bool):
     """Stack per-sequence selections into the op's ``block_index [B, Hr, nQ, K]`` (padded -1),
     ``block_count [B, Hr, nQ]`` and, when ``variable``, ``key_chunk_offsets [B, nC + 1]``.

@@ -15,6 +15,7 @@
 #include "block_sparse_attention.cuh"
 #include "block_sparse_attention_sm90.cuh"
 #include "route_kernels.cuh"
+#include "chunk_offsets_kernels.cuh"
 
 namespace {
 
@@ -667,6 +668,54 @@ int read_flag(const void* workspace, cudaStream_t stream, int32_t* flag, const c
 
 }  // namespace
 
+// ChunkOffsets: shapes and attributes (the workspace depends on them only).
+int chunk_offsets_validate(const DhsaChunkOffsetsParams* p) {
+    if (p == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets: params is NULL");
+    if (p->batch < 1 || p->batch > 65535 || p->num_kv_heads < 1 || p->length < 1 || p->head_dim < 1)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "ChunkOffsets: bad sizes batch=%d Hkv=%d L=%d D=%d; all must be >= 1 (batch <= 65535)",
+                    p->batch, p->num_kv_heads, p->length, p->head_dim);
+    if (p->length >= (1 << 30) || (long long)p->batch * (p->length + 1) >= (1ll << 31))
+        return fail(DHSA_STATUS_UNSUPPORTED, "ChunkOffsets: batch %d x length %d too large", p->batch,
+                    p->length);
+    if (p->dtype != DHSA_DTYPE_FP16 && p->dtype != DHSA_DTYPE_BF16 && p->dtype != DHSA_DTYPE_FP32)
+        return fail(DHSA_STATUS_UNSUPPORTED,
+                    "ChunkOffsets: dtype %d is not supported; use fp16 (0), bf16 (1) or fp32 (2)", p->dtype);
+    if (p->min_chunk < 1 || p->min_chunk >= (1 << 30))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets: attribute min_chunk = %d must be in [1, 2^30)",
+                    p->min_chunk);
+    if (p->max_chunk < p->min_chunk || p->max_chunk >= (1 << 30))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "ChunkOffsets: attribute max_chunk = %d must be >= min_chunk = %d (and < 2^30)",
+                    p->max_chunk, p->min_chunk);
+    if (p->window < 1 || p->window >= (1 << 30))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets: attribute window = %d must be >= 1", p->window);
+    if (!std::isfinite(p->threshold))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets: attribute threshold = %g must be finite",
+                    p->threshold);
+    return DHSA_STATUS_OK;
+}
+
+struct ChunkWorkspace {
+    size_t d = 0, threshold = 0, total = 0;
+};
+
+ChunkWorkspace chunk_workspace_layout(const DhsaChunkOffsetsParams& p) {
+    ChunkWorkspace w;
+    w.d = 0;
+    w.threshold = align_up((size_t)p.batch * p.length * sizeof(float));
+    w.total = w.threshold + align_up((size_t)p.batch * sizeof(float));
+    return w;
+}
+
+template <typename T>
+cudaError_t launch_similarity(const dhsa::chunks::ChunkArgs& a, long long candidates, cudaStream_t stream) {
+    const dim3 grid((unsigned)((candidates + dhsa::chunks::kWarpsPerBlock - 1) / dhsa::chunks::kWarpsPerBlock),
+                    (unsigned)a.batch);
+    dhsa::chunks::co_similarity<T><<<grid, dhsa::chunks::kWarpsPerBlock * 32, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
 extern "C" {
 
 int dhsa_abi_version(void) { return DHSA_ABI_VERSION; }
@@ -872,6 +921,66 @@ int dhsa_route_forward(const DhsaRouteParams* params, void* workspace, size_t wo
 
 int dhsa_route_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag) {
     return read_flag(workspace, stream, flag, "Route");
+}
+
+int dhsa_chunk_offsets_workspace_size(const DhsaChunkOffsetsParams* params, size_t* bytes) {
+    if (bytes == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets: bytes is NULL");
+    const int st = chunk_offsets_validate(params);
+    if (st != DHSA_STATUS_OK) return st;
+    *bytes = chunk_workspace_layout(*params).total;
+    return ok();
+}
+
+int dhsa_chunk_offsets_forward(const DhsaChunkOffsetsParams* params, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream) {
+    const int st = chunk_offsets_validate(params);
+    if (st != DHSA_STATUS_OK) return st;
+    const DhsaChunkOffsetsParams& p = *params;
+    if (p.key == nullptr || p.offsets == nullptr || p.counts == nullptr)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets: key=%p offsets=%p counts=%p must not be NULL",
+                    p.key, (void*)p.offsets, (void*)p.counts);
+    const ChunkWorkspace w = chunk_workspace_layout(p);
+    if (workspace == nullptr || workspace_bytes < w.total)
+        return fail(DHSA_STATUS_WORKSPACE, "ChunkOffsets: workspace %p of %zu bytes; %zu bytes needed",
+                    workspace, workspace_bytes, w.total);
+    unsigned char* ws = static_cast<unsigned char*>(workspace);
+    dhsa::chunks::ChunkArgs a;
+    std::memset(&a, 0, sizeof(a));
+    a.key = p.key;
+    a.probs = p.boundary_probs;
+    a.offsets = p.offsets;
+    a.counts = p.counts;
+    a.d = reinterpret_cast<float*>(ws + w.d);
+    a.threshold = reinterpret_cast<float*>(ws + w.threshold);
+    a.batch = p.batch;
+    a.heads = p.num_kv_heads;
+    a.length = p.length;
+    a.head_dim = p.head_dim;
+    a.min_chunk = p.min_chunk;
+    a.max_chunk = p.max_chunk;
+    a.window = p.window;
+    a.prob_threshold = (float)p.threshold;
+    cudaError_t e = cudaSuccess;
+    if (p.boundary_probs == nullptr) {
+        e = cudaMemsetAsync(a.d, 0, (size_t)p.batch * p.length * sizeof(float), stream);
+        const long long candidates = (long long)p.length - 2ll * p.window + 1;  // [w - 1, L - w)
+        if (e == cudaSuccess && candidates > 0)
+            e = p.dtype == DHSA_DTYPE_BF16   ? launch_similarity<__nv_bfloat16>(a, candidates, stream)
+                : p.dtype == DHSA_DTYPE_FP16 ? launch_similarity<__half>(a, candidates, stream)
+                                             : launch_similarity<float>(a, candidates, stream);
+        if (e == cudaSuccess) {
+            dhsa::chunks::co_threshold<<<p.batch, dhsa::chunks::kBlockThreads, 0, stream>>>(a);
+            e = cudaGetLastError();
+        }
+    }
+    if (e == cudaSuccess) {
+        dhsa::chunks::co_limits<<<p.batch, dhsa::chunks::kBlockThreads, 0, stream>>>(a);
+        e = cudaGetLastError();
+    }
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "ChunkOffsets kernels (batch %d, L %d): %s", p.batch, p.length,
+                    cudaGetErrorString(e));
+    return ok();
 }
 
 }  // extern "C"

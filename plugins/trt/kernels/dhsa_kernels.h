@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define DHSA_ABI_VERSION 2 /* 2: dhsa_route_* */
+#define DHSA_ABI_VERSION 3 /* 2: dhsa_route_*, 3: dhsa_chunk_offsets_* */
 
 /* Status codes returned by every function. */
 #define DHSA_STATUS_OK 0
@@ -201,6 +201,42 @@ DHSA_API int dhsa_route_forward(const DhsaRouteParams* params, void* workspace,
 
 /* As dhsa_bsa_read_error_flag, for a Route workspace. */
 DHSA_API int dhsa_route_read_error_flag(const void* workspace, cudaStream_t stream, int32_t* flag);
+
+/*
+ * Op: dhsa::ChunkOffsets (registry ChunkOffsets: the dynamic pattern's variable key chunks)
+ *   key             [B, Hkv, L, D]  contiguous, dtype fp16 / bf16 / fp32 (read by the similarity rule)
+ *   boundary_probs  float32 [B, L] or NULL: the predictor's probability per candidate c (a chunk
+ *                   may start at c + 1 when it is >= threshold); NULL: the similarity rule on key
+ *   offsets         int32 [B, L + 1] (output): row b holds its offsets 0 = o_0 < ... < o_nC = L,
+ *                   then L up to the end of the row
+ *   counts          int32 [B] (output): nC_b + 1, the offsets of row b
+ * Chunk lengths are kept in [min_chunk, max_chunk] wherever L allows (forced cuts at the best
+ * score), as dhsa_export.algo.boundaries.enforce_chunk_limits. The registry's output is
+ * offsets[:, :max(counts)] (rows padded with L).
+ */
+typedef struct DhsaChunkOffsetsParams {
+    const void* key;             /* [B, Hkv, L, D] */
+    const float* boundary_probs; /* [B, L] or NULL */
+    int32_t* offsets;            /* [B, L + 1] */
+    int32_t* counts;             /* [B] */
+    int32_t batch;
+    int32_t num_kv_heads;
+    int32_t length;              /* L */
+    int32_t head_dim;
+    int32_t dtype;               /* DHSA_DTYPE_* of key */
+    /* ChunkOffsets attributes (registry order) */
+    int32_t min_chunk;
+    int32_t max_chunk;
+    int32_t window;              /* similarity rule: tokens per side of a candidate */
+    double threshold;            /* predictor: probability from which a candidate is proposed */
+} DhsaChunkOffsetsParams;
+
+/* Bytes of device workspace dhsa_chunk_offsets_forward needs (shapes and attributes only). */
+DHSA_API int dhsa_chunk_offsets_workspace_size(const DhsaChunkOffsetsParams* params, size_t* bytes);
+
+/* Validate (host side) and compute offsets and counts on `stream` (asynchronous). */
+DHSA_API int dhsa_chunk_offsets_forward(const DhsaChunkOffsetsParams* params, void* workspace,
+                                        size_t workspace_bytes, cudaStream_t stream);
 
 #ifdef __cplusplus
 }
