@@ -644,6 +644,18 @@ int route_launch(const dhsa::route::RouteArgs& a, const RoutePlan& l, cudaStream
     return DHSA_STATUS_OK;
 }
 
+// The workspace every forward takes: present, at least `needed` bytes (what `size_fn` returns), and
+// 16-byte aligned (the kernels read it as int32 / float vectors).
+int check_workspace(const char* op, const char* size_fn, const void* workspace, size_t workspace_bytes,
+                    size_t needed) {
+    if (workspace == nullptr || workspace_bytes < needed)
+        return fail(DHSA_STATUS_WORKSPACE, "%s: workspace %p of %zu bytes; %zu bytes needed (%s)", op,
+                    workspace, workspace_bytes, needed, size_fn);
+    if (!aligned16(workspace))
+        return fail(DHSA_STATUS_WORKSPACE, "%s: workspace %p must be 16-byte aligned", op, workspace);
+    return DHSA_STATUS_OK;
+}
+
 int read_flag(const void* workspace, cudaStream_t stream, int32_t* flag, const char* op) {
     if (workspace == nullptr) return fail(DHSA_STATUS_WORKSPACE, "%s: workspace is NULL", op);
     int32_t host = 0;
@@ -750,11 +762,9 @@ int dhsa_bsa_forward(const DhsaBsaParams* params, void* workspace, size_t worksp
     const DhsaBsaParams& p = *params;
     const int nq = (p.q_len + p.q_block - 1) / p.q_block;
     const Layout l = workspace_layout(p, nq);
-    if (workspace == nullptr || workspace_bytes < l.total)
-        return fail(DHSA_STATUS_WORKSPACE, "workspace %p of %zu bytes; %zu bytes needed",
-                    workspace, workspace_bytes, l.total);
-    if (!aligned16(workspace))
-        return fail(DHSA_STATUS_WORKSPACE, "workspace %p must be 16-byte aligned", workspace);
+    const int wst = check_workspace("BlockSparseAttention", "dhsa_bsa_workspace_size", workspace,
+                                    workspace_bytes, l.total);
+    if (wst != DHSA_STATUS_OK) return wst;
 
     unsigned char* ws = static_cast<unsigned char*>(workspace);
     dhsa::BsaArgs a;
@@ -842,12 +852,8 @@ int dhsa_route_forward(const DhsaRouteParams* params, void* workspace, size_t wo
     const int pst = route_pointers(p);
     if (pst != DHSA_STATUS_OK) return pst;
     const RouteLayout w = route_layout(p, l);
-    if (workspace == nullptr || workspace_bytes < w.total)
-        return fail(DHSA_STATUS_WORKSPACE,
-                    "Route: workspace %p of %zu bytes; %zu bytes needed (dhsa_route_workspace_size)",
-                    workspace, workspace_bytes, w.total);
-    if (!aligned16(workspace))
-        return fail(DHSA_STATUS_WORKSPACE, "Route: workspace %p must be 16-byte aligned", workspace);
+    const int wst = check_workspace("Route", "dhsa_route_workspace_size", workspace, workspace_bytes, w.total);
+    if (wst != DHSA_STATUS_OK) return wst;
     unsigned char* ws = static_cast<unsigned char*>(workspace);
     auto fptr = [ws](size_t off) { return reinterpret_cast<float*>(ws + off); };
     dhsa::route::RouteArgs a;
@@ -940,9 +946,9 @@ int dhsa_chunk_offsets_forward(const DhsaChunkOffsetsParams* params, void* works
         return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets: key=%p offsets=%p counts=%p must not be NULL",
                     p.key, (void*)p.offsets, (void*)p.counts);
     const ChunkWorkspace w = chunk_workspace_layout(p);
-    if (workspace == nullptr || workspace_bytes < w.total)
-        return fail(DHSA_STATUS_WORKSPACE, "ChunkOffsets: workspace %p of %zu bytes; %zu bytes needed",
-                    workspace, workspace_bytes, w.total);
+    const int wst = check_workspace("ChunkOffsets", "dhsa_chunk_offsets_workspace_size", workspace,
+                                    workspace_bytes, w.total);
+    if (wst != DHSA_STATUS_OK) return wst;
     unsigned char* ws = static_cast<unsigned char*>(workspace);
     dhsa::chunks::ChunkArgs a;
     std::memset(&a, 0, sizeof(a));
