@@ -7,37 +7,21 @@ run without a GPU.
 
 from __future__ import annotations
 
-import ctypes
-import re
-
 import pytest
 import torch
 
 from dhsa_export import DHSAError
-from dhsa_export.backends.torch_cuda import build, library
+from dhsa_export.backends.torch_cuda import library
 from dhsa_export.check.references import reference_chunk_offsets
 from dhsa_export.onnx.registry import CHUNK_OFFSETS
 
-from .test_route_cuda import _loadable_library
+from .test_route_cuda import _loadable_library, assert_params_mirror
 
 gpu = pytest.mark.gpu
 
 
 def test_chunk_offsets_params_mirror_the_registry_and_the_header():
-    fields = [name for name, _ in library.DhsaChunkOffsetsParams._fields_]
-    attribute_fields = [f for f in fields if f not in library.DhsaChunkOffsetsParams.PROBLEM_FIELDS]
-    assert attribute_fields == [a.name for a in CHUNK_OFFSETS.attributes]
-    header = (build.kernel_source_dir() / "dhsa_kernels.h").read_text()
-    body = re.search(r"typedef struct DhsaChunkOffsetsParams \{(.*?)\} DhsaChunkOffsetsParams;", header, re.S).group(1)
-    declared = re.findall(r"^\s*(?:const\s+)?(\w+)(\s*\*)?\s*(\w+);", body, re.M)
-    assert [name for _, _, name in declared] == fields
-    ctypes_of = {"int32_t": ctypes.c_int32, "double": ctypes.c_double}
-    for (ctype, pointer, name), (_, field) in zip(declared, library.DhsaChunkOffsetsParams._fields_):
-        assert field is (ctypes.c_void_p if pointer else ctypes_of[ctype]), name
-    kinds = {a.name: a.kind for a in CHUNK_OFFSETS.attributes}
-    for name, field in library.DhsaChunkOffsetsParams._fields_:
-        if name in kinds:
-            assert field is {"int": ctypes.c_int32, "float": ctypes.c_double}[kinds[name]]
+    assert_params_mirror(library.DhsaChunkOffsetsParams, CHUNK_OFFSETS)
 
 
 def test_chunk_offsets_cuda_rejects_cpu_tensors_before_loading():

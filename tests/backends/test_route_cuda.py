@@ -10,7 +10,6 @@ The registry / C-parameter agreement and the host validation run without a GPU.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import re
 import zlib
@@ -33,22 +32,28 @@ def _header() -> str:
     return (build.kernel_source_dir() / "dhsa_kernels.h").read_text()
 
 
-def test_route_params_mirror_the_registry_and_the_header():
-    """The attribute fields of DhsaRouteParams are the registry's Route attributes, same names, same
-    order; the ctypes mirror has the header's fields and types."""
-    fields = [name for name, _ in library.DhsaRouteParams._fields_]
-    attribute_fields = [f for f in fields if f not in library.DhsaRouteParams.PROBLEM_FIELDS]
-    assert attribute_fields == [a.name for a in ROUTE.attributes]
-    body = re.search(r"typedef struct DhsaRouteParams \{(.*?)\} DhsaRouteParams;", _header(), re.S).group(1)
+def assert_params_mirror(params_type, op) -> None:
+    """The attribute fields of a C parameter struct are the registry op's attributes, same names, same
+    order, typed by kind (strings travel as int32 enums, floats as double, ints as int32); the ctypes
+    mirror has the header's fields and types."""
+    fields = [name for name, _ in params_type._fields_]
+    attribute_fields = [f for f in fields if f not in params_type.PROBLEM_FIELDS]
+    assert attribute_fields == [a.name for a in op.attributes]
+    struct = params_type.__name__
+    body = re.search(rf"typedef struct {struct} \{{(.*?)\}} {struct};", _header(), re.S).group(1)
     declared = re.findall(r"^\s*(?:const\s+)?(\w+)(\s*\*)?\s*(\w+);", body, re.M)
     assert [name for _, _, name in declared] == fields
     ctypes_of = {"int32_t": ctypes.c_int32, "double": ctypes.c_double}
-    for (ctype, pointer, name), (_, field) in zip(declared, library.DhsaRouteParams._fields_):
+    for (ctype, pointer, name), (_, field) in zip(declared, params_type._fields_):
         assert field is (ctypes.c_void_p if pointer else ctypes_of[ctype]), name
-    kinds = {a.name: a.kind for a in ROUTE.attributes}
-    for name, field in library.DhsaRouteParams._fields_:
-        if name in kinds:  # strings travel as enums, floats as double, ints as int32
+    kinds = {a.name: a.kind for a in op.attributes}
+    for name, field in params_type._fields_:
+        if name in kinds:
             assert field is {"int": ctypes.c_int32, "float": ctypes.c_double, "string": ctypes.c_int32}[kinds[name]]
+
+
+def test_route_params_mirror_the_registry_and_the_header():
+    assert_params_mirror(library.DhsaRouteParams, ROUTE)
 
 
 def test_route_enums_match_config_and_header():
