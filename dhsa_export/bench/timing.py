@@ -41,6 +41,16 @@ def time_call_ms(fn: Callable[[], object], device) -> tuple[object, float]:
     return result, start.elapsed_time(end)
 
 
+def cuda_kernel_times(fn: Callable[[], object]) -> list[tuple[str, int, float]]:
+    """GPU kernels of one call of ``fn`` from torch.profiler: ``(name, calls, total ms)``, slowest first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(kernels, key=lambda item: -item[2])
+
+
 def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     return statistics.median(event_times_ms(fn, warmup, repeats))
 

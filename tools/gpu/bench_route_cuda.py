@@ -17,7 +17,7 @@ from dhsa_export import DHSAConfig
 from dhsa_export.algo.routing import route
 from dhsa_export.backends.torch_cuda import route_cuda
 from dhsa_export.backends.torch_cuda.ops import routing_function
-from dhsa_export.bench.timing import median_ms
+from dhsa_export.bench.timing import cuda_kernel_times, median_ms
 
 
 def timed(fn, repeats=5, warmup=2) -> float:
@@ -102,14 +102,8 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             if args.profile and length == max(int(x) for x in args.lengths.split(",")) and "error" not in row:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    cuda_cpp()
-                    torch.cuda.synchronize()
-                kernels = {}
-                for e in prof.key_averages():
-                    if e.device_type == torch.autograd.DeviceType.CUDA:
-                        kernels[e.key.split("(")[0][-60:]] = round(e.device_time_total / 1000, 4)
-                row["kernels_ms"] = kernels
+                row["kernels_ms"] = {name.split("(")[0][-60:]: round(ms, 4)
+                                     for name, _, ms in cuda_kernel_times(cuda_cpp)}
             print(json.dumps(row), flush=True)
             results.append(row)
     if args.out:

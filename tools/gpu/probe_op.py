@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     from dhsa_export.backends.torch_cuda import launch, route_batch, selections_to_indices
     from dhsa_export.backends.torch_cuda.routing_graph import RoutingGraphCache
     from dhsa_export.bench.attention import random_qkv
-    from dhsa_export.bench.timing import time_call_ms
+    from dhsa_export.bench.timing import cuda_kernel_times, time_call_ms
     from dhsa_export.config import DHSAConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,17 +63,7 @@ def main(argv=None) -> int:
                 times[name].append(time_call_ms(fn, "cuda")[1])
         row = {"tokens": length, **{f"{n}_ms": statistics.median(t) for n, t in times.items()},
                "samples": times}
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            op()
-            torch.cuda.synchronize()
-        kernels = {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                name = ev.name[:80]
-                n, ms = kernels.get(name, (0, 0.0))
-                kernels[name] = (n + 1, ms + ev.device_time_total / 1e3)
-        row["op_kernels"] = sorted(([n, c, round(ms, 4)] for n, (c, ms) in kernels.items()),
-                                   key=lambda x: -x[2])
+        row["op_kernels"] = [[name[:80], calls, round(ms, 4)] for name, calls, ms in cuda_kernel_times(op)]
         row["op_gpu_ms"] = sum(x[2] for x in row["op_kernels"])
         rows.append(row)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
