@@ -294,4 +294,7 @@ def test_graph_from_query_parts_is_bit_identical(pattern):
         for a, b in zip(_indices(got), _indices(eager)):
             assert torch.equal(a, b)
         assert torch.equal(got.causal_block_fraction_tensor(), eager.causal_block_fraction_tensor())
-    assert cache.counts["replays"] == 2 and next(iter(cache._entries.values())).parts, cache.info()
+    # four calls of one key: the first eager, the second captures (and replays), two more replays
+    counts = cache.counts
+    assert (counts["eager"], counts["captures"], counts["replays"]) == (1, 1, 3), cache.info()
+    assert next(iter(cache._entries.values())).parts, cache.info()
