@@ -55,9 +55,10 @@ def source_hash(sanitize: bool = False) -> str:
     """Key of a build: the plugin sources, the mode and the compiler."""
     root = source_dir()
     digest = hashlib.sha256()
-    files = [root / "CMakeLists.txt", *sorted(p for p in (root / "src").rglob("*") if p.is_file())]
+    files = [root / "CMakeLists.txt", *sorted(p for p in (root / "src").rglob("*") if p.is_file()),
+             *sorted(p for p in (root.parent / "common").rglob("*") if p.is_file())]
     for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(str(path.relative_to(root.parent)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     digest.update(f"sanitize={bool(sanitize)}\0{_compiler_id()}".encode())
     return digest.hexdigest()[:16]

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...errors import DHSAError
 from .build import build_library
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 STATUS_OK = 0
 STATUS_INDEX_ERROR = 5

@@ -192,5 +192,23 @@ __global__ void co_limits(ChunkArgs a) {
     for (int i = count + threadIdx.x; i <= L; i += blockDim.x) out[i] = L;
 }
 
+// Pack padded rows [B, L + 1] into [B, S], S = max(counts) (the registry's output width), and store
+// S as the int64 size of that width. One block per row; every block reads all B counts (B is the
+// batch: small), so nothing waits on another block and nothing goes back to the host.
+__global__ void co_pack(const int32_t* __restrict__ offsets, const int32_t* __restrict__ counts, int batch,
+                        int length, int32_t* __restrict__ packed, int64_t* __restrict__ width) {
+    __shared__ int s_width;
+    if (threadIdx.x == 0) {
+        int w = 1;
+        for (int b = 0; b < batch; ++b) w = max(w, min(counts[b], length + 1));
+        s_width = w;
+        if (blockIdx.x == 0) *width = w;
+    }
+    __syncthreads();
+    const int w = s_width;
+    const long long row = blockIdx.x;
+    for (int j = threadIdx.x; j < w; j += blockDim.x) packed[row * w + j] = offsets[row * (length + 1ll) + j];
+}
+
 }  // namespace chunks
 }  // namespace dhsa

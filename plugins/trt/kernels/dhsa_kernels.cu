@@ -60,14 +60,20 @@ Layout workspace_layout(const DhsaBsaParams& p, int nq) {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-int validate(const DhsaBsaParams* p) {
-    if (p == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "params is NULL");
-    if (!p->q || !p->k || !p->v || !p->out || !p->block_index || !p->block_count)
+// The buffers dhsa_bsa_forward reads and writes (dhsa_bsa_workspace_size reads shapes only, so a
+// TensorRT plugin can size its workspace at build time, before any buffer exists).
+int validate_pointers(const DhsaBsaParams& p) {
+    if (!p.q || !p.k || !p.v || !p.out || !p.block_index || !p.block_count)
         return fail(DHSA_STATUS_INVALID_ARGUMENT,
                     "a required pointer is NULL (q=%p k=%p v=%p out=%p block_index=%p "
                     "block_count=%p)",
-                    p->q, p->k, p->v, p->out, (const void*)p->block_index,
-                    (const void*)p->block_count);
+                    p.q, p.k, p.v, p.out, (const void*)p.block_index, (const void*)p.block_count);
+    return DHSA_STATUS_OK;
+}
+
+// Shapes and attributes; the key_chunk_offsets pointer only says whether chunks are variable.
+int validate(const DhsaBsaParams* p) {
+    if (p == nullptr) return fail(DHSA_STATUS_INVALID_ARGUMENT, "params is NULL");
     if (p->batch < 1 || p->num_q_heads < 1 || p->num_kv_heads < 1 || p->num_route_heads < 1 ||
         p->q_len < 1 || p->k_len < 1 || p->index_width < 0)
         return fail(DHSA_STATUS_INVALID_ARGUMENT,
@@ -760,6 +766,8 @@ int dhsa_bsa_forward(const DhsaBsaParams* params, void* workspace, size_t worksp
     const int st = validate(params);
     if (st != DHSA_STATUS_OK) return st;
     const DhsaBsaParams& p = *params;
+    const int pst = validate_pointers(p);
+    if (pst != DHSA_STATUS_OK) return pst;
     const int nq = (p.q_len + p.q_block - 1) / p.q_block;
     const Layout l = workspace_layout(p, nq);
     const int wst = check_workspace("BlockSparseAttention", "dhsa_bsa_workspace_size", workspace,
@@ -985,6 +993,23 @@ int dhsa_chunk_offsets_forward(const DhsaChunkOffsetsParams* params, void* works
     }
     if (e != cudaSuccess)
         return fail(DHSA_STATUS_CUDA_ERROR, "ChunkOffsets kernels (batch %d, L %d): %s", p.batch, p.length,
+                    cudaGetErrorString(e));
+    return ok();
+}
+
+int dhsa_chunk_offsets_pack(const int32_t* offsets, const int32_t* counts, int32_t batch, int32_t length,
+                            int32_t* packed, int64_t* width, cudaStream_t stream) {
+    if (offsets == nullptr || counts == nullptr || packed == nullptr || width == nullptr)
+        return fail(DHSA_STATUS_INVALID_ARGUMENT,
+                    "ChunkOffsets pack: offsets=%p counts=%p packed=%p width=%p must not be NULL",
+                    (const void*)offsets, (const void*)counts, (void*)packed, (void*)width);
+    if (batch < 1 || length < 1 || length >= (1 << 30))
+        return fail(DHSA_STATUS_INVALID_ARGUMENT, "ChunkOffsets pack: batch = %d, L = %d must be >= 1", batch,
+                    length);
+    dhsa::chunks::co_pack<<<batch, 256, 0, stream>>>(offsets, counts, batch, length, packed, width);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fail(DHSA_STATUS_CUDA_ERROR, "ChunkOffsets pack kernel (batch %d, L %d): %s", batch, length,
                     cudaGetErrorString(e));
     return ok();
 }

@@ -42,7 +42,7 @@
 extern "C" {
 #endif
 
-#define DHSA_ABI_VERSION 3 /* 2: dhsa_route_*, 3: dhsa_chunk_offsets_* */
+#define DHSA_ABI_VERSION 4 /* 2: dhsa_route_*, 3: dhsa_chunk_offsets_*, 4: dhsa_chunk_offsets_pack */
 
 /* Status codes returned by every function. */
 #define DHSA_STATUS_OK 0
@@ -114,7 +114,8 @@ DHSA_API const char* dhsa_status_string(int status);
 /* Message of the last failing call on this host thread ("" if none). */
 DHSA_API const char* dhsa_last_error_message(void);
 
-/* Bytes of device workspace dhsa_bsa_forward needs for these parameters (shapes only). */
+/* Bytes of device workspace dhsa_bsa_forward needs for these parameters (shapes and attributes
+ * only: buffer pointers may be NULL; key_chunk_offsets != NULL says the chunks are variable). */
 DHSA_API int dhsa_bsa_workspace_size(const DhsaBsaParams* params, size_t* bytes);
 
 /* Validate the parameters (host side), clear the error flag, validate the indices and run the
@@ -237,6 +238,14 @@ DHSA_API int dhsa_chunk_offsets_workspace_size(const DhsaChunkOffsetsParams* par
 /* Validate (host side) and compute offsets and counts on `stream` (asynchronous). */
 DHSA_API int dhsa_chunk_offsets_forward(const DhsaChunkOffsetsParams* params, void* workspace,
                                         size_t workspace_bytes, cudaStream_t stream);
+
+/* Pack the padded rows `offsets` [B, L + 1] (as dhsa_chunk_offsets_forward wrote them, with its
+ * `counts` [B]) into `packed` [B, S], S = max(counts), the registry's output, and store S in
+ * `*width` (device int64): the TensorRT plugin's data-dependent output and its size tensor, with
+ * no host synchronization. `packed` must hold B * (L + 1) int32. (ABI 4) */
+DHSA_API int dhsa_chunk_offsets_pack(const int32_t* offsets, const int32_t* counts, int32_t batch,
+                                     int32_t length, int32_t* packed, int64_t* width,
+                                     cudaStream_t stream);
 
 #ifdef __cplusplus
 }

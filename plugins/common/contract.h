@@ -1,8 +1,10 @@
-// The op contract as this library implements it: names, ports, attributes and defaults.
+// The op contract as the native libraries implement it: names, ports, attributes and defaults.
 //
-// Registration (ops.cpp), attribute defaults and the JSON returned by dhsa_ort_contract_json()
-// all read this one table, and a test compares that JSON with
-// dhsa_export.onnx.registry.contract_json(), so the library and the registry cannot drift apart.
+// Shared by the ONNX Runtime CPU library (plugins/ort_cpu: registration, attribute defaults,
+// dhsa_ort_contract_json()) and the TensorRT plugin (plugins/trt/plugin: plugin fields, their
+// defaults, dhsa_trt_plugin_contract_json()). Tests compare both libraries' JSON with
+// dhsa_export.onnx.registry.contract_json(), so neither can drift from the registry. Plain C++17,
+// no runtime headers.
 #pragma once
 
 #include <cstdint>
