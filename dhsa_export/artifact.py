@@ -106,3 +106,17 @@ def staged_folder(target: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def require_ort_cpu(folder: Path, manifest: dict, command: str) -> None:
+    """``run`` and ``check`` drive ONNX Runtime artifacts; any other backend is one clear error."""
+    backend = manifest.get("backend")
+    if backend == "ort-cpu":
+        return
+    if backend == "trt":
+        raise DHSAError(
+            f"artifact {str(folder)!r} holds TensorRT engines (backend trt); '{command}' drives ONNX Runtime "
+            "artifacts in this version (running the engines needs TensorRT on a GPU it supports: "
+            "docs/TENSORRT.md); build with --backend ort-cpu to use it here"
+        )
+    raise DHSAError(f"artifact {str(folder)!r} is for backend {backend!r}; '{command}' needs an ort-cpu artifact")

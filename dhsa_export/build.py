@@ -18,6 +18,7 @@ from .config import DHSAConfig
 from .errors import DHSAError
 
 BACKENDS = ("ort-cpu", "trt")
+DEFAULT_TRT_MAX_TOKENS = 32768
 LIBRARY_DIR = "lib"
 TOKENIZER_DIR = "tokenizer"
 PREDICTOR_FILE = "boundary_predictor.safetensors"
@@ -35,6 +36,15 @@ class BuildOptions:
     out: Path = Path("dhsa-artifact")
     force: bool = False
     progress: bool = True
+    # backend trt: graph dtype, the engines' longest prompt (default: the model's maximum, at most
+    # 32768) and the CUDA architectures of the kernels (default: the visible GPUs, else 80,86,89,90)
+    dtype: str | None = None
+    max_tokens: int | None = None
+    cuda_archs: tuple[str, ...] | None = None
+
+    @property
+    def graph_dtype(self) -> str:
+        return self.dtype or ("float16" if self.backend == "trt" else "float32")
 
 
 def validate(options: BuildOptions) -> None:
@@ -42,9 +52,14 @@ def validate(options: BuildOptions) -> None:
     if options.backend not in BACKENDS:
         raise DHSAError(f"unknown backend {options.backend!r}; use one of {', '.join(BACKENDS)}")
     if options.backend == "trt":
-        raise DHSAError(
-            "backend 'trt' is not available in this version (TensorRT plugin pending); use --backend ort-cpu"
-        )
+        from .backends.trt.artifact import validate as validate_trt
+
+        validate_trt(options.graph_dtype, options.max_tokens, options.int4, options.cuda_archs)
+    elif options.dtype not in (None, "float32"):
+        raise DHSAError(f"--dtype {options.dtype} applies to --backend trt; the ort-cpu graphs are float32 "
+                        "(use --int4 to shrink them)")
+    elif options.max_tokens is not None or options.cuda_archs:
+        raise DHSAError("--max-tokens and --cuda-arch apply to --backend trt (its engines and kernels); drop them")
     if options.int4:
         from .onnx.quantize import SUPPORTED_BLOCK_SIZES
 
@@ -84,7 +99,9 @@ def build(options: BuildOptions) -> Path:
     validate(options)
     stages = ["load model", "build custom-op library", "export prefill", "export decode"]
     stages += ["quantize int4"] if options.int4 else []
-    stages += ["share weights", "tokenizer + manifest"]
+    stages += ["share weights"]
+    stages += ["engine prefill", "engine decode"] if options.backend == "trt" else []
+    stages += ["tokenizer + manifest"]
     bar = tqdm(total=len(stages), desc="build", unit="stage", disable=not options.progress)
 
     def step(name: str) -> None:
@@ -92,10 +109,10 @@ def build(options: BuildOptions) -> Path:
 
     with staged_folder(Path(options.out), force=options.force) as staging:
         step(stages[0])
-        loaded = load_model(options.model_spec, layers=options.layers)
+        loaded = load_model(options.model_spec, layers=options.layers, dtype=options.graph_dtype)
         bar.update()
         step(stages[1])
-        library = _backend_library(options.backend, staging)
+        library = _backend_library(options, staging)
         bar.update()
         graphs = _export_graphs(loaded, options, staging, step, bar)
         model_info, tokenizer = _model_info(loaded, options), loaded.tokenizer
@@ -108,9 +125,15 @@ def build(options: BuildOptions) -> Path:
         if options.cfg.boundary_predictor:
             shutil.copy2(options.cfg.boundary_predictor, staging / PREDICTOR_FILE)
         bar.update()
+        engines = None
+        if options.backend == "trt":
+            from .backends.trt.artifact import build_engines
+
+            max_tokens = options.max_tokens or min(model_info["max_length"], DEFAULT_TRT_MAX_TOKENS)
+            engines = build_engines(staging, graphs, library, model_info, max_tokens, step=step, advance=bar.update)
         step("tokenizer + manifest")
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        write_manifest(staging, _manifest_info(model_info, options, library, shared, staging))
+        write_manifest(staging, _manifest_info(model_info, options, library, shared, staging, engines))
         bar.update()
     bar.close()
     return Path(options.out).resolve()
@@ -135,8 +158,12 @@ def _export_graphs(loaded, options: BuildOptions, staging: Path, step, bar) -> d
     return {"prefill": prefill, "decode": decode}
 
 
-def _backend_library(backend: str, staging: Path) -> Path:
-    """Build (or reuse the cached) custom-op library and copy it into the artifact."""
+def _backend_library(options: BuildOptions, staging: Path) -> Path:
+    """Build (or reuse the cached) custom-op library / TensorRT plugin and copy it into the artifact."""
+    if options.backend == "trt":
+        from .backends.trt.artifact import copy_plugin
+
+        return copy_plugin(staging, options.cuda_archs)["plugin"]
     from .backends.ort_cpu import build_library
 
     built = Path(build_library())
@@ -175,10 +202,15 @@ def _model_info(loaded, options: BuildOptions) -> dict:
     }
 
 
-def _manifest_info(model_info: dict, options: BuildOptions, library: Path, shared: int, staging: Path) -> dict:
+def _manifest_info(model_info: dict, options: BuildOptions, library: Path, shared: int, staging: Path,
+                   engines: dict | None = None) -> dict:
     predictor = _predictor_info(options.cfg, staging)
+    trt = {"engines": engines, "kernels": f"{LIBRARY_DIR}/libdhsa_kernels.so",
+           "cuda_archs": list(options.cuda_archs or ())} if engines else {}
     return {
         "backend": options.backend,
+        "dtype": options.graph_dtype,
+        **trt,
         "model": model_info,
         "dhsa": {**options.cfg.to_dict(), **({"boundary_predictor": PREDICTOR_FILE} if predictor else {})},
         "boundary_predictor": predictor,

@@ -240,12 +240,20 @@ def train_boundaries(model_spec, data_dir, out_path, max_tokens, seq_len, epochs
 @click.option("--int4", is_flag=True, help="4-bit weight-only quantization of the linear layers (MatMulNBits).")
 @click.option("--int4-block-size", type=int, default=32, show_default=True)
 @click.option("--int4-lm-head", is_flag=True, help="Quantize the output projection too.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Graph dtype: ort-cpu float32; trt float16 (default) or bfloat16.")
+@click.option("--max-tokens", type=int, default=None,
+              help="trt: the engines' longest prompt (default: the model's maximum, at most 32768).")
+@click.option("--cuda-arch", "cuda_arch", default=None, metavar="LIST",
+              help="trt: CUDA architectures of the kernels, e.g. 80,90 (default: the visible GPUs, else 80,86,89,90).")
 @click.option("-o", "--output", "out_dir", default="dhsa-artifact", show_default=True, metavar="DIR")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @user_errors
 def build(model_spec, layers, attention, pattern, density, q_block, k_block, head_routing,
-          boundary_predictor, chunk_score, backend, int4, int4_block_size, int4_lm_head, out_dir, force) -> None:
-    """Build a deployable artifact: ONNX graphs, weights, custom-op library, tokenizer, manifest."""
+          boundary_predictor, chunk_score, backend, int4, int4_block_size, int4_lm_head, dtype, max_tokens,
+          cuda_arch, out_dir, force) -> None:
+    """Build a deployable artifact: ONNX graphs, weights, custom-op library (ort-cpu) or TensorRT plugin and
+    engines (trt), tokenizer, manifest."""
     if attention != "dhsa":
         raise DHSAError("build exports DHSA prefill graphs; drop --attention dense")
     cfg = build_config(pattern, density, q_block, k_block, head_routing, boundary_predictor, chunk_score)
@@ -255,7 +263,8 @@ def build(model_spec, layers, attention, pattern, density, q_block, k_block, hea
 
     path = run_build(BuildOptions(model_spec=model_spec, layers=layers, backend=backend, int4=int4,
                                   int4_block_size=int4_block_size, int4_lm_head=int4_lm_head, cfg=cfg,
-                                  out=out_dir, force=force))
+                                  out=out_dir, force=force, dtype=dtype, max_tokens=max_tokens,
+                                  cuda_archs=tuple(a.strip() for a in cuda_arch.split(",")) if cuda_arch else None))
     click.echo(f"built {path}")
 
 

@@ -84,7 +84,11 @@ def test_tampered_library_is_refused(small_artifact, tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["build", "--backend", "trt"], "backend 'trt'"),
+        (["build", "--backend", "trt", "--int4"], "--int4 with --backend trt is not available yet"),
+        (["build", "--backend", "trt", "--dtype", "float32"], "--dtype float32 is not supported by the TensorRT"),
+        (["build", "--backend", "trt", "--max-tokens", "1"], "--max-tokens 1 must be at least 2"),
+        (["build", "--max-tokens", "4096"], "--max-tokens and --cuda-arch apply to --backend trt"),
+        (["build", "--dtype", "float16"], "--dtype float16 applies to --backend trt"),
         (["build", "--density", "0"], "density 0.0"),
         (["build", "--int4", "--int4-block-size", "48"], "int4 block size 48"),
         (["build", "--model", "nope"], "unknown model 'nope'"),

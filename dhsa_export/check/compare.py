@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import read_manifest
+from ..artifact import read_manifest, require_ort_cpu
 from ..errors import DHSAError
 
 DEFAULT_LENGTHS = (96, 700, 1500)
@@ -111,6 +111,7 @@ def check_artifact(folder: str | Path, lengths=DEFAULT_LENGTHS, json_path: str |
 
     folder = Path(folder)
     manifest = read_manifest(folder, verify=True)
+    require_ort_cpu(folder, manifest, "check")
     model_info = manifest["model"]
     cfg = manifest_config(folder, manifest)
     tolerances = INT4_TOLERANCES if manifest.get("quantization") else FP32_TOLERANCES

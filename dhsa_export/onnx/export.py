@@ -277,7 +277,8 @@ def export_decode(model, cfg: DHSAConfig, path: Path, past_length: int = 40) -> 
     config = model.config
     head_dim = head_dim_of(config)
     layers = num_layers(model)
-    past = [torch.randn(1, config.num_key_value_heads, past_length, head_dim) for _ in range(2 * layers)]
+    dtype = next(model.parameters()).dtype  # fp32 for ONNX Runtime, fp16 / bf16 for TensorRT
+    past = [torch.randn(1, config.num_key_value_heads, past_length, head_dim, dtype=dtype) for _ in range(2 * layers)]
     ids = torch.randint(0, config.vocab_size, (1, 1))
     past_dims = {2: "past_sequence"}
     with torch.no_grad(), quiet_exporter():

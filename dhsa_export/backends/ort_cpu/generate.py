@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ...artifact import read_manifest
+from ...artifact import read_manifest, require_ort_cpu
 from ...errors import DHSAError
 
 
@@ -49,8 +49,7 @@ def open_artifact(folder: str | Path, threads: int | None = None, verify: bool =
 
     folder = Path(folder)
     manifest = read_manifest(folder, verify=verify)
-    if manifest.get("backend") != "ort-cpu":
-        raise DHSAError(f"artifact {str(folder)!r} is for backend {manifest.get('backend')!r}, not ort-cpu")
+    require_ort_cpu(folder, manifest, "run")
     library = folder / manifest["library"]
     prefill = session_with_library(folder / manifest["graphs"]["prefill"], library, threads)
     decode = session_with_library(folder / manifest["graphs"]["decode"], library, threads)

@@ -199,6 +199,7 @@ def _build(onnx_path: Path, plugin: Path, output: Path, shapes: dict[str, ShapeR
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(memoryview(serialized))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the engine from the service that runs it
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
