@@ -5,8 +5,9 @@ A user builds against the TensorRT they deploy with: ``$TENSORRT_ROOT/include`` 
 TensorRT 10.14 that the ``kernel-lens`` wheel carries (MIT-licensed package; NVIDIA's headers,
 Apache-2.0) are fetched once with ``pip download --no-deps``, checked against their sha256 and
 unpacked into the cache; the package itself is never installed (it would pull torch and triton).
-Only the headers are used: the plugin links no TensorRT library, so one build loads into TensorRT
-10.x/11.x and TensorRT-RTX alike (the IPluginV3 interfaces are the same).
+Only the headers are used: the plugin links no TensorRT library. Built against them it loads into
+TensorRT-RTX 1.7 (tested here); TensorRT 10.x/11.x share the IPluginV3 interfaces, but no full
+TensorRT could be installed here to try it (docs/TENSORRT.md).
 """
 
 from __future__ import annotations
