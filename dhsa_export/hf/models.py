@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import DEVICES, DTYPES
 from ..errors import DHSAError
+from ..paths import cache_root
 from .recipes import DEFAULT_MODEL, Recipe, load_recipe, recipe_names
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -42,14 +43,6 @@ class LoadedModel:
     @property
     def max_length(self) -> int:
         return int(self.model.config.max_position_embeddings)
-
-
-def cache_root() -> Path:
-    """Where converted models are cached (``$DHSA_EXPORT_CACHE`` wins over XDG)."""
-    if os.environ.get("DHSA_EXPORT_CACHE"):
-        return Path(os.environ["DHSA_EXPORT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dhsa-export"
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> tuple[str, str]:

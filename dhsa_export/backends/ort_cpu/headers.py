@@ -19,20 +19,13 @@ import tempfile
 from pathlib import Path
 
 from ...errors import DHSAError
+from ...paths import cache_root
 
 ORT_HEADERS_PACKAGE = "libonnxruntime-dev"
 ORT_HEADERS_VERSION = "1.21.0+dfsg-1"
 ORT_HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
 REQUIRED_API_VERSION = 21
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-
-
-def cache_root() -> Path:
-    """The package's cache (``$DHSA_EXPORT_CACHE`` wins over ``$XDG_CACHE_HOME/dhsa-export``)."""
-    if os.environ.get("DHSA_EXPORT_CACHE"):
-        return Path(os.environ["DHSA_EXPORT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dhsa-export"
 
 
 def _header_dir(candidate: Path) -> Path | None:

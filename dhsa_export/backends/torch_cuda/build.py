@@ -39,11 +39,10 @@ def kernel_source_dir() -> Path:
 
 
 def cache_root() -> Path:
-    """``$DHSA_CACHE_DIR/kernels`` (default ``~/.cache/dhsa_export/kernels``)."""
-    base = os.environ.get("DHSA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dhsa_export"
-    )
-    return Path(base) / "kernels"
+    """``kernels/`` of the native cache (``$DHSA_CACHE_DIR``, else the package cache)."""
+    from ...paths import native_cache_root
+
+    return native_cache_root() / "kernels"
 
 
 def find_nvcc() -> str:

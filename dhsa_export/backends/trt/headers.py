@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from ...errors import DHSAError
+from ...paths import native_cache_root as cache_root
 
 HEADERS_PACKAGE = "kernel-lens"
 HEADERS_VERSION = "2.0.1"
@@ -29,13 +30,6 @@ HEADERS_WHEEL = "kernel_lens-2.0.1-py3-none-any.whl"
 HEADERS_SHA256 = "07cc714e8b5e7f34b672f7c7fad93febe7c747be5837ba276b1527370134ffe0"
 HEADERS_PREFIX = "kernel_lens/include/tensorrt/"
 REQUIRED_HEADERS = ("NvInfer.h", "NvInferRuntime.h", "NvInferPluginBase.h", "NvInferRuntimePlugin.h")
-
-
-def cache_root() -> Path:
-    base = os.environ.get("DHSA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dhsa_export"
-    )
-    return Path(base)
 
 
 def _has_headers(folder: Path) -> bool:
