@@ -54,7 +54,7 @@ def validate(options: BuildOptions) -> None:
     if options.backend == "trt":
         from .backends.trt.artifact import validate as validate_trt
 
-        validate_trt(options.graph_dtype, options.max_tokens, options.int4, options.cuda_archs)
+        validate_trt(options.graph_dtype, options.max_tokens, options.cuda_archs)
     elif options.dtype not in (None, "float32"):
         raise DHSAError(f"--dtype {options.dtype} applies to --backend trt; the ort-cpu graphs are float32 "
                         "(use --int4 to shrink them)")
@@ -153,7 +153,8 @@ def _export_graphs(loaded, options: BuildOptions, staging: Path, step, bar) -> d
 
         step("quantize int4")
         for path in (prefill, decode):
-            quantize_int4(path, options.int4_block_size, include_lm_head=options.int4_lm_head)
+            quantize_int4(path, options.int4_block_size, include_lm_head=options.int4_lm_head,
+                          form="qdq" if options.backend == "trt" else "matmulnbits")
         bar.update()
     return {"prefill": prefill, "decode": decode}
 
@@ -215,7 +216,8 @@ def _manifest_info(model_info: dict, options: BuildOptions, library: Path, share
         "dhsa": {**options.cfg.to_dict(), **({"boundary_predictor": PREDICTOR_FILE} if predictor else {})},
         "boundary_predictor": predictor,
         "quantization": {"int4": options.int4, "block_size": options.int4_block_size,
-                         "lm_head": options.int4_lm_head} if options.int4 else None,
+                         "lm_head": options.int4_lm_head,
+                         "form": "qdq" if options.backend == "trt" else "matmulnbits"} if options.int4 else None,
         "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx", "weights": "weights.bin",
                    "shared_initializers": shared},
         "library": str(library.relative_to(staging)),

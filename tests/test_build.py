@@ -84,7 +84,7 @@ def test_tampered_library_is_refused(small_artifact, tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["build", "--backend", "trt", "--int4"], "--int4 with --backend trt is not available yet"),
+        (["build", "--backend", "trt", "--cuda-arch", "sm90"], "CUDA architecture 'sm90' is not a number"),
         (["build", "--backend", "trt", "--dtype", "float32"], "--dtype float32 is not supported by the TensorRT"),
         (["build", "--backend", "trt", "--max-tokens", "1"], "--max-tokens 1 must be at least 2"),
         (["build", "--max-tokens", "4096"], "--max-tokens and --cuda-arch apply to --backend trt"),

@@ -79,3 +79,21 @@ def test_tampered_engine_is_refused(trt_artifact, tmp_path):
     result = run_cli("run", copy, "--prompt", "hi")
     assert result.exit_code == 2 and "prefill.engine" in result.output and "sha256" in result.output
     assert json.loads((copy / "manifest.json").read_text())["backend"] == "trt"
+
+
+def test_int4_artifact_has_blockwise_dequantize_and_smaller_engines(trt_artifact, tmp_path):
+    """--int4 for TensorRT: int4 weights + block-wise DequantizeLinear (no zero points) before each
+    linear MatMul, shared by both graphs; the engines hold the 4-bit weights."""
+    out = tmp_path / "int4"
+    result = run_cli("build", "--backend", "trt", "--int4", "--layers", "2", "--cuda-arch", "80",
+                     "--max-tokens", "4096", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out, verify=True)
+    assert manifest["quantization"]["form"] == "qdq" and manifest["quantization"]["block_size"] == 32
+    for name in ("prefill.onnx", "decode.onnx"):
+        graph = onnx.load(str(out / name), load_external_data=False)
+        ops = Counter((n.domain, n.op_type) for n in graph.graph.node)
+        assert ops[("", "DequantizeLinear")] == 2 * 7 and ops[("com.microsoft", "MatMulNBits")] == 0
+        assert all(len(n.input) == 2 for n in graph.graph.node if n.op_type == "DequantizeLinear")
+    for file in ("weights.bin", "prefill.engine", "decode.engine"):
+        assert (out / file).stat().st_size < (trt_artifact / file).stat().st_size, file

@@ -36,14 +36,8 @@ def installed_tensorrt() -> str | None:
     return None
 
 
-def validate(dtype: str, max_tokens: int | None, int4: bool, cuda_archs) -> None:
+def validate(dtype: str, max_tokens: int | None, cuda_archs) -> None:
     """What ``build --backend trt`` checks before any work."""
-    if int4:
-        raise DHSAError(
-            "--int4 with --backend trt is not available yet (TensorRT takes INT4 weights as DequantizeLinear "
-            "with block_size, which the quantizer does not write yet); build fp16 without --int4, or use "
-            "--backend ort-cpu for INT4"
-        )
     if dtype not in DTYPES:
         raise DHSAError(f"--dtype {dtype} is not supported by the TensorRT plugins; use one of {', '.join(DTYPES)}")
     if max_tokens is not None and max_tokens < 2:
