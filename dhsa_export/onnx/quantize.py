@@ -15,6 +15,8 @@ the most sensitive to rounding.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DHSAError
@@ -46,13 +48,25 @@ def quantize_int4(path: Path, block_size: int = 32, include_lm_head: bool = Fals
     else:
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                          accuracy_level=accuracy_level, nodes_to_exclude=exclude)
-    quantizer.process()
+    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):  # an INFO line per node otherwise
+        quantizer.process()
     quantized = quantizer.model.model
     onnx.save(quantized, str(path), save_as_external_data=True, location=path.name + ".data",
               size_threshold=1024)
     if form == "qdq":  # every quantized MatMul gets one DequantizeLinear on its weight
         return _count(quantized, "DequantizeLinear") - before[1]
     return before[0] - _count(quantized, "MatMul")
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _count(model, op_type: str) -> int:

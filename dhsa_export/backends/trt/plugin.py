@@ -22,8 +22,8 @@ from ...errors import DHSAError
 from .headers import cache_root, fetch_headers
 
 PLUGIN_NAME = "libdhsa_trt_plugin.so"
-PLUGIN_SOURCES = ("plugin/fields.cpp", "plugin/dhsa_plugins.cpp", "plugin/register.cpp")
-PLUGIN_HEADERS = ("plugin/fields.h", "plugin/dhsa_plugins.h", "kernels/dhsa_kernels.h")
+PLUGIN_SOURCES = ("plugin/fields.cpp", "plugin/op_calls.cpp", "plugin/dhsa_plugins.cpp", "plugin/register.cpp")
+PLUGIN_HEADERS = ("plugin/fields.h", "plugin/op_calls.h", "plugin/dhsa_plugins.h", "kernels/dhsa_kernels.h")
 COMMON_SOURCES = ("contract.h", "contract.cpp")
 HOST_FLAGS = ("-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC,-Wall,-Wextra")
 

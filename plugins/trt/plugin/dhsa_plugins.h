@@ -14,6 +14,7 @@
 #include <string>
 
 #include "fields.h"
+#include "op_calls.h"
 
 namespace dhsa {
 namespace trt {
@@ -62,10 +63,34 @@ class DhsaPlugin : public nvinfer1::IPluginV3,
   int32_t nb_inputs_ = 0;  // from configurePlugin / onShapeChange
 };
 
-// dhsa::BlockSparseAttention(query, key, value, block_index, block_count [, key_chunk_offsets]).
-class BlockSparseAttentionPlugin final : public DhsaPlugin {
+// The kernel side every dhsa plugin shares, over one op's `Call` (op_calls.h): configurePlugin
+// validates the profile's max shapes with the kernels' own checks (a bad attribute or shape fails
+// the build with its message), getWorkspaceSize asks the kernels for those shapes, enqueue plans the
+// actual shapes and calls them.
+template <typename Call>
+class KernelPlugin : public DhsaPlugin {
  public:
   using DhsaPlugin::DhsaPlugin;
+  int32_t configurePlugin(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
+                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) noexcept override;
+  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
+                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) const noexcept override;
+  int32_t enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc* output_desc,
+                  const void* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream) noexcept override;
+
+ private:
+  // Parameters and workspace bytes for `dims`; false after logging why (`when` says which shapes).
+  bool plan(const nvinfer1::Dims* dims, int32_t nb_inputs, nvinfer1::DataType type, typename Call::Params* params,
+            size_t* bytes, const char* when, bool log) const noexcept;
+};
+
+// Each op's own side: its output types and shapes (expressions), and the formats it accepts.
+
+// dhsa::BlockSparseAttention(query, key, value, block_index, block_count [, key_chunk_offsets]).
+class BlockSparseAttentionPlugin final : public KernelPlugin<AttentionCall> {
+ public:
+  using KernelPlugin::KernelPlugin;
   nvinfer1::IPluginV3* clone() noexcept override;
   int32_t getOutputDataTypes(nvinfer1::DataType* outputs, int32_t nb_outputs, const nvinfer1::DataType* inputs,
                              int32_t nb_inputs) const noexcept override;
@@ -74,19 +99,12 @@ class BlockSparseAttentionPlugin final : public DhsaPlugin {
                           nvinfer1::IExprBuilder& builder) noexcept override;
   bool supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* io, int32_t nb_inputs,
                                  int32_t nb_outputs) noexcept override;
-  int32_t configurePlugin(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
-                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) noexcept override;
-  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
-                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) const noexcept override;
-  int32_t enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc* output_desc,
-                  const void* const* inputs, void* const* outputs, void* workspace,
-                  cudaStream_t stream) noexcept override;
 };
 
 // dhsa::Route(query, key [, key_chunk_offsets]) -> (block_index, block_count).
-class RoutePlugin final : public DhsaPlugin {
+class RoutePlugin final : public KernelPlugin<RouteCall> {
  public:
-  using DhsaPlugin::DhsaPlugin;
+  using KernelPlugin::KernelPlugin;
   nvinfer1::IPluginV3* clone() noexcept override;
   int32_t getOutputDataTypes(nvinfer1::DataType* outputs, int32_t nb_outputs, const nvinfer1::DataType* inputs,
                              int32_t nb_inputs) const noexcept override;
@@ -95,23 +113,16 @@ class RoutePlugin final : public DhsaPlugin {
                           nvinfer1::IExprBuilder& builder) noexcept override;
   bool supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* io, int32_t nb_inputs,
                                  int32_t nb_outputs) noexcept override;
-  int32_t configurePlugin(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
-                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) noexcept override;
-  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
-                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) const noexcept override;
-  int32_t enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc* output_desc,
-                  const void* const* inputs, void* const* outputs, void* workspace,
-                  cudaStream_t stream) noexcept override;
 };
 
 // dhsa::ChunkOffsets(key [, boundary_probs]) -> key_chunk_offsets [B, nC + 1]. nC + 1 is data
 // dependent: the plugin has a second output, the int64 size tensor of that width (declared with
 // IExprBuilder::declareSizeTensor, upper bound L + 1), which TensorRT uses to size the first.
-class ChunkOffsetsPlugin final : public DhsaPlugin {
+class ChunkOffsetsPlugin final : public KernelPlugin<ChunkOffsetsCall> {
  public:
-  using DhsaPlugin::DhsaPlugin;
-  nvinfer1::IPluginV3* clone() noexcept override;
+  using KernelPlugin::KernelPlugin;
   int32_t getNbOutputs() const noexcept override { return 2; }
+  nvinfer1::IPluginV3* clone() noexcept override;
   int32_t getOutputDataTypes(nvinfer1::DataType* outputs, int32_t nb_outputs, const nvinfer1::DataType* inputs,
                              int32_t nb_inputs) const noexcept override;
   int32_t getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_inputs, const nvinfer1::DimsExprs*,
@@ -119,13 +130,6 @@ class ChunkOffsetsPlugin final : public DhsaPlugin {
                           nvinfer1::IExprBuilder& builder) noexcept override;
   bool supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* io, int32_t nb_inputs,
                                  int32_t nb_outputs) noexcept override;
-  int32_t configurePlugin(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
-                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) noexcept override;
-  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
-                          const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) const noexcept override;
-  int32_t enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc* output_desc,
-                  const void* const* inputs, void* const* outputs, void* workspace,
-                  cudaStream_t stream) noexcept override;
 };
 
 // Creates one op's plugin from fields (ONNX attributes at build, serialized fields at runtime).
@@ -144,9 +148,6 @@ class DhsaPluginCreator final : public nvinfer1::IPluginCreatorV3One {
   const OpSpec* spec_;
   FieldNames names_;
 };
-
-// Attribute checks made once, when a plugin is created (the kernels check again per call).
-bool validate_route_attributes(const Attributes& attributes, std::string* error);
 
 }  // namespace trt
 }  // namespace dhsa
