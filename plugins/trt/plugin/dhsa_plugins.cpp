@@ -238,10 +238,10 @@ int32_t ChunkOffsetsPlugin::getOutputShapes(const DimsExprs* inputs, int32_t nb_
   const auto* one = builder.constant(1);
   const auto* upper = builder.operation(DimensionOperation::kSUM, *inputs[0].d[2], *one);  // L + 1
   // a typical width: chunks of the mean allowed length
-  const int64_t mean_chunk = std::max<int64_t>(1, (attributes_.integer("min_chunk") + attributes_.integer("max_chunk")) / 2);
-  const auto* typical = builder.operation(
-      DimensionOperation::kSUM, *builder.operation(DimensionOperation::kCEIL_DIV, *inputs[0].d[2], *builder.constant(mean_chunk)),
-      *one);
+  const int64_t mean_chunk =
+      std::max<int64_t>(1, (attributes_.integer("min_chunk") + attributes_.integer("max_chunk")) / 2);
+  const auto* chunks = builder.operation(DimensionOperation::kCEIL_DIV, *inputs[0].d[2], *builder.constant(mean_chunk));
+  const auto* typical = builder.operation(DimensionOperation::kSUM, *chunks, *one);
   const auto* width = builder.declareSizeTensor(1, *typical, *upper);
   if (width == nullptr) {
     log_error("dhsa::ChunkOffsets: TensorRT refused the size tensor of the data-dependent output width");
