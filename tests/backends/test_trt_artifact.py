@@ -97,3 +97,20 @@ def test_int4_artifact_has_blockwise_dequantize_and_smaller_engines(trt_artifact
         assert all(len(n.input) == 2 for n in graph.graph.node if n.op_type == "DequantizeLinear")
     for file in ("weights.bin", "prefill.engine", "decode.engine"):
         assert (out / file).stat().st_size < (trt_artifact / file).stat().st_size, file
+
+
+def test_dynamic_pattern_with_a_predictor_builds(trt_artifact, tmp_path):
+    """The learned predictor (standard ONNX ops) and ChunkOffsets' data-dependent width in the engine."""
+    from tests.onnx.test_export import tiny_predictor
+
+    predictor = tiny_predictor(tmp_path / "predictor.safetensors", 3 * 64)  # SmolLM2: 3 KV heads x 64 dims
+    out = tmp_path / "dynamic"
+    result = run_cli("build", "--backend", "trt", "--pattern", "dynamic", "--boundary-predictor", predictor,
+                     "--layers", "2", "--cuda-arch", "80", "--max-tokens", "4096", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out, verify=True)
+    assert manifest["dhsa"]["pattern"] == "dynamic" and manifest["boundary_predictor"]["file"] in manifest["files"]
+    graph = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    ops = Counter((n.domain, n.op_type) for n in graph.graph.node)
+    assert ops[("dhsa", "ChunkOffsets")] == 1 and ops[("dhsa", "Route")] == 2
+    assert (out / "prefill.engine").stat().st_size > 10 * 2**20
