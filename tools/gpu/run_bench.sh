@@ -19,6 +19,10 @@
 # default ./.kcache: carry it to reuse a local build). Routing CUDA graphs (torch-cuda backend):
 # DHSA_ROUTING_GRAPH=0 turns them off, DHSA_ROUTING_GRAPH_MAX_TOKENS / _CACHE / _MAX_MB bound them.
 # DHSA_ROUTING_FUSED=0 turns off the fused Triton routing (routing_fused.py; the torch steps run).
+# The TensorRT plugin's GPU tests (tests/backends/test_trt_plugin_cuda.py, part of `tests`) compile
+# against TensorRT headers and the GPU machine has no network: copy the pinned ones here first
+# (cp -r ~/.cache/dhsa-export/trt-headers/kernel-lens-2.0.1 .kcache/trt-headers); DHSA_TRT_HEADERS
+# defaults to that folder when it exists.
 set -uo pipefail
 OUT="${OUT:-out/gpu}"
 STEPS=",${STEPS:-tests,routing,attention,prefill,topk},"
@@ -31,6 +35,9 @@ mkdir -p "$OUT"
 LOG="$OUT/run.log"
 export PYTHONUNBUFFERED=1
 export DHSA_CACHE_DIR="${DHSA_CACHE_DIR:-$PWD/.kcache}"
+if [ -z "${DHSA_TRT_HEADERS:-}" ] && [ -f "$DHSA_CACHE_DIR/trt-headers/NvInfer.h" ]; then
+  export DHSA_TRT_HEADERS="$DHSA_CACHE_DIR/trt-headers"
+fi
 status=0
 step() { case "$STEPS" in *",$1,"*) return 0;; *) return 1;; esac; }
 stamp() { echo "== $1: $(( $(date +%s) - t0 )) s" | tee -a "$LOG"; }
