@@ -163,3 +163,16 @@ def test_dynamic_input_without_a_range_is_refused(plugin, tmp_path):
     graph = attention_graph(tmp_path / "layer.onnx")
     with pytest.raises(DHSAError, match="have no shape range"):
         engine_from_onnx(graph, plugin, tmp_path / "layer.engine", {})
+
+
+def test_a_library_that_is_not_a_plugin_is_refused(plugin, tmp_path):
+    tensorrt_or_skip()
+    from dhsa_export.backends.trt import engine_from_onnx
+
+    graph = attention_graph(tmp_path / "layer.onnx")
+    kernels = plugin.parent / "libdhsa_kernels.so"  # a real shared library without the plugin entry points
+    with pytest.raises(DHSAError, match="refused the plugin library"):
+        engine_from_onnx(graph, kernels, tmp_path / "layer.engine", shape_ranges())
+    with pytest.raises(DHSAError, match="ONNX graph .* does not exist"):
+        engine_from_onnx(tmp_path / "missing.onnx", plugin, tmp_path / "layer.engine", shape_ranges())
+    assert not (tmp_path / "layer.engine").exists()
