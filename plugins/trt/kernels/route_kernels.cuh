@@ -241,12 +241,23 @@ __device__ Cut radix_cut(Item item, int n, long long room) {
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int t = threadIdx.x; t < 256; t += blockDim.x) hist[t] = 0;
         __syncthreads();
-        for (int c = threadIdx.x; c < n; c += blockDim.x) {
-            uint32_t key;
-            long long wgt;
-            if (item(c, &key, &wgt) && (key & pmask) == prefix && wgt != 0)
-                atomicAdd(reinterpret_cast<unsigned long long*>(&hist[(key >> shift) & 255u]),
-                          (unsigned long long)wgt);
+        // Warp-aggregated: the lanes of a warp that fall in one bin add their weights first and one
+        // lane adds the sum (the keys of a row share their top bits, so per-lane shared atomics on
+        // a few bins serialized; GPU_NOTES "Route in CUDA C++"). A group's weights are distinct
+        // chunks' lengths (or 1s), so their sum is at most L < 2^31: 32-bit lanes sums suffice.
+        for (int c0 = 0; c0 < n; c0 += blockDim.x) {  // every lane of a warp iterates together
+            const int c = c0 + (int)threadIdx.x;
+            uint32_t key = 0;
+            long long wgt = 0;
+            const bool in = c < n && item(c, &key, &wgt) && (key & pmask) == prefix && wgt != 0;
+            const unsigned active = __ballot_sync(0xffffffffu, in);
+            if (in) {
+                const uint32_t bin = (key >> shift) & 255u;
+                const unsigned group = __match_any_sync(active, bin);
+                const unsigned sum = __reduce_add_sync(group, (unsigned)wgt);
+                if ((int)(threadIdx.x & 31) == __ffs(group) - 1)
+                    atomicAdd(reinterpret_cast<unsigned long long*>(&hist[bin]), (unsigned long long)sum);
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {
