@@ -25,7 +25,7 @@ from typing import Any
 
 from ..config import DEVICES, DTYPES
 from ..errors import DHSAError
-from ..paths import cache_root
+from ..paths import cache_root, filled_cache_folder
 from .recipes import DEFAULT_MODEL, Recipe, load_recipe, recipe_names
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -228,15 +228,9 @@ def _converted_gguf(gguf: Path, name: str, sha256: str | None, target: Path | No
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with filled_cache_folder(target, lambda folder: (folder / "config.json").is_file()) as staging:
         fresh.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

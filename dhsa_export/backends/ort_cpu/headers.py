@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from ...errors import DHSAError
-from ...paths import cache_root
+from ...paths import cache_root, filled_cache_folder
 
 ORT_HEADERS_PACKAGE = "libonnxruntime-dev"
 ORT_HEADERS_VERSION = "1.21.0+dfsg-1"
@@ -65,17 +65,8 @@ def fetch_headers(dest: str | Path | None = None) -> Path:
     found = _header_dir(target)
     if found is not None:
         return _checked(found)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".ort-headers-", dir=target.parent))
-    try:
+    with filled_cache_folder(target, lambda folder: _header_dir(folder) is not None) as staging:
         _download_and_extract(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if _header_dir(target) is None:  # not a concurrent fetch that won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     found = _header_dir(target)
     if found is None:
         raise DHSAError(f"fetching the ONNX Runtime headers left no onnxruntime_c_api.h under {target}")

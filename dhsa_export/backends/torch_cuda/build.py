@@ -18,10 +18,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ...errors import DHSAError
+from ...paths import filled_cache_folder
 
 LIBRARY_NAME = "libdhsa_kernels.so"
 SOURCE_FILES = ("dhsa_kernels.cu", "block_sparse_attention.cuh", "block_sparse_attention_sm90.cuh",
@@ -126,10 +126,8 @@ def build_library(archs=None, cache_dir: Path | None = None, force: bool = False
     target = library_path(archs, cache_dir)
     if target.is_file() and not force:
         return target
-    target.parent.parent.mkdir(parents=True, exist_ok=True)
     src_dir = kernel_source_dir()
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent.parent))
-    try:
+    with filled_cache_folder(target.parent, lambda folder: (folder / LIBRARY_NAME).is_file()) as tmp:
         cmd = [nvcc, *NVCC_FLAGS, *gencode_flags(archs), "-I", str(src_dir),
                str(src_dir / "dhsa_kernels.cu"), "-o", str(tmp / LIBRARY_NAME)]
         if verbose:
@@ -141,15 +139,8 @@ def build_library(archs=None, cache_dir: Path | None = None, force: bool = False
                 f"nvcc failed ({proc.returncode}) building {src_dir / 'dhsa_kernels.cu'} for sm_"
                 f"{','.join(archs)}: " + " | ".join(tail)
             )
-        if target.parent.exists() and force:
+        if force:  # the old build goes only once the new one exists
             shutil.rmtree(target.parent, ignore_errors=True)
-        try:
-            os.rename(tmp, target.parent)
-        except OSError:
-            if not target.is_file():  # somebody else's build did not win either
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

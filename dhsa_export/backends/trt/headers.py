@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from ...errors import DHSAError
+from ...paths import filled_cache_folder
 from ...paths import native_cache_root as cache_root
 
 HEADERS_PACKAGE = "kernel-lens"
@@ -52,18 +52,9 @@ def fetch_headers(dest: str | Path | None = None) -> Path:
     target = Path(dest) if dest is not None else cache_root() / "trt-headers" / f"{HEADERS_PACKAGE}-{HEADERS_VERSION}"
     if _has_headers(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".trt-headers-", dir=target.parent))
-    try:
-        wheel = _download_wheel(staging)
-        _extract_headers(wheel, staging / "include")
-        try:
-            os.replace(staging / "include", target)
-        except OSError:
-            if not _has_headers(target):  # not a concurrent fetch that won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="dhsa-trt-headers-") as download, \
+            filled_cache_folder(target, _has_headers) as staging:
+        _extract_headers(_download_wheel(Path(download)), staging)
     return target
 
 

@@ -15,10 +15,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ...errors import DHSAError
+from ...paths import filled_cache_folder
 from .headers import cache_root, fetch_headers
 
 PLUGIN_NAME = "libdhsa_trt_plugin.so"
@@ -67,9 +67,7 @@ def build_plugin(kernels_library: str | Path | None = None, archs=None, cache_di
     target = base / "trt-plugin" / _build_key(root, headers, kernels, nvcc) / PLUGIN_NAME
     if target.is_file():
         return target
-    target.parent.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent.parent))
-    try:
+    with filled_cache_folder(target.parent, lambda folder: (folder / PLUGIN_NAME).is_file()) as tmp:
         shutil.copy2(kernels, tmp / KERNELS_NAME)
         cmd = [nvcc, *HOST_FLAGS, "-isystem", str(headers), "-I", str(root / "plugin"), "-I", str(root / "kernels"),
                "-I", str(root.parent / "common"), *(str(root / s) for s in PLUGIN_SOURCES),
@@ -81,13 +79,6 @@ def build_plugin(kernels_library: str | Path | None = None, archs=None, cache_di
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
             raise DHSAError(f"building the TensorRT plugin failed (nvcc exit {proc.returncode}): " + " | ".join(tail))
-        try:
-            os.rename(tmp, target.parent)
-        except OSError:
-            if not target.is_file():  # a concurrent build did not win either
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
