@@ -5,6 +5,15 @@
 
 namespace dhsa {
 
+const char* kind_name(AttrKind kind) {
+  switch (kind) {
+    case AttrKind::kInt: return "int";
+    case AttrKind::kFloat: return "float";
+    case AttrKind::kString: return "string";
+  }
+  return "?";
+}
+
 const AttrSpec& OpSpec::attribute(const char* attr_name) const {
   for (const auto& a : attributes)
     if (std::string(a.name) == attr_name) return a;
@@ -75,19 +84,19 @@ std::string port_json(const PortSpec& p, bool with_optional) {
 }
 
 std::string attr_json(const AttrSpec& a) {
-  std::string out = "{\"name\": " + quoted(a.name) + ", \"type\": ";
+  std::string out = "{\"name\": " + quoted(a.name) + ", \"type\": " + quoted(kind_name(a.kind)) + ", \"default\": ";
   switch (a.kind) {
     case AttrKind::kInt:
-      out += "\"int\", \"default\": " + std::to_string(a.int_default);
+      out += std::to_string(a.int_default);
       break;
     case AttrKind::kFloat: {
       char buf[64];
       std::snprintf(buf, sizeof(buf), "%.17g", a.float_default);
-      out += std::string("\"float\", \"default\": ") + buf;
+      out += buf;
       break;
     }
     case AttrKind::kString:
-      out += "\"string\", \"default\": " + quoted(a.string_default);
+      out += quoted(a.string_default);
       break;
   }
   return out + "}";

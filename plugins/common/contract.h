@@ -18,6 +18,9 @@ constexpr int kOpsetVersion = 1;
 
 enum class AttrKind { kInt, kFloat, kString };
 
+// The registry's name of an attribute kind: "int", "float" or "string".
+const char* kind_name(AttrKind kind);
+
 struct AttrSpec {
   const char* name;
   AttrKind kind;

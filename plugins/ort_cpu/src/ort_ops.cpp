@@ -79,10 +79,6 @@ bool attribute_present_as(const OrtApi* api, const OrtKernelInfo* info, const ch
   return false;
 }
 
-const char* kind_name(AttrKind kind) {
-  return kind == AttrKind::kInt ? "int" : kind == AttrKind::kFloat ? "float" : "string";
-}
-
 // An attribute of the wrong ONNX type is an error; a missing one takes the contract default.
 [[noreturn]] void wrong_type(const OpSpec& op, const AttrSpec& spec) {
   throw Error(cat(op.name, ": attribute ", spec.name, " must be of type ", kind_name(spec.kind),

@@ -12,15 +12,6 @@ using nvinfer1::PluginFieldType;
 
 namespace {
 
-const char* kind_name(AttrKind kind) {
-  switch (kind) {
-    case AttrKind::kInt: return "int";
-    case AttrKind::kFloat: return "float";
-    case AttrKind::kString: return "string";
-  }
-  return "?";
-}
-
 // A numeric field's first element as double; false for non-numeric types.
 bool read_number(const PluginField& field, double* out) {
   switch (field.type) {
