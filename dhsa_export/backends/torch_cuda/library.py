@@ -192,19 +192,32 @@ def check(lib: ctypes.CDLL, status: int, what: str) -> None:
         raise DHSAError(f"{what} failed: {name} ({status}): {message}")
 
 
-def workspace_size(lib: ctypes.CDLL, params: DhsaBsaParams) -> int:
+def _workspace_size(lib: ctypes.CDLL, function: str, params) -> int:
+    """Bytes of workspace ``dhsa_<op>_workspace_size`` asks for (raises with the library's message)."""
     size = ctypes.c_size_t(0)
-    check(lib, lib.dhsa_bsa_workspace_size(ctypes.byref(params), ctypes.byref(size)), "dhsa_bsa_workspace_size")
+    check(lib, getattr(lib, function)(ctypes.byref(params), ctypes.byref(size)), function)
     return int(size.value)
 
 
+def _forward(lib: ctypes.CDLL, function: str, params, workspace: int, workspace_bytes: int, stream: int) -> None:
+    check(lib, getattr(lib, function)(ctypes.byref(params), workspace, workspace_bytes, stream), function)
+
+
+def _read_error_flag(lib: ctypes.CDLL, function: str, workspace: int, stream: int, what: str) -> None:
+    flag = ctypes.c_int32(0)
+    check(lib, getattr(lib, function)(workspace, stream, ctypes.byref(flag)), what)
+
+
+def workspace_size(lib: ctypes.CDLL, params: DhsaBsaParams) -> int:
+    return _workspace_size(lib, "dhsa_bsa_workspace_size", params)
+
+
 def forward(lib: ctypes.CDLL, params: DhsaBsaParams, workspace: int, workspace_bytes: int, stream: int) -> None:
-    check(lib, lib.dhsa_bsa_forward(ctypes.byref(params), workspace, workspace_bytes, stream), "dhsa_bsa_forward")
+    _forward(lib, "dhsa_bsa_forward", params, workspace, workspace_bytes, stream)
 
 
 def read_error_flag(lib: ctypes.CDLL, workspace: int, stream: int) -> None:
-    flag = ctypes.c_int32(0)
-    check(lib, lib.dhsa_bsa_read_error_flag(workspace, stream, ctypes.byref(flag)), "block-sparse attention")
+    _read_error_flag(lib, "dhsa_bsa_read_error_flag", workspace, stream, "block-sparse attention")
 
 
 def route_output_shape(lib: ctypes.CDLL, params: DhsaRouteParams) -> tuple[int, int, int]:
@@ -216,28 +229,21 @@ def route_output_shape(lib: ctypes.CDLL, params: DhsaRouteParams) -> tuple[int, 
 
 
 def route_workspace_size(lib: ctypes.CDLL, params: DhsaRouteParams) -> int:
-    size = ctypes.c_size_t(0)
-    check(lib, lib.dhsa_route_workspace_size(ctypes.byref(params), ctypes.byref(size)), "dhsa_route_workspace_size")
-    return int(size.value)
+    return _workspace_size(lib, "dhsa_route_workspace_size", params)
 
 
 def route_forward(lib: ctypes.CDLL, params: DhsaRouteParams, workspace: int, workspace_bytes: int, stream: int) -> None:
-    check(lib, lib.dhsa_route_forward(ctypes.byref(params), workspace, workspace_bytes, stream), "dhsa_route_forward")
+    _forward(lib, "dhsa_route_forward", params, workspace, workspace_bytes, stream)
 
 
 def route_read_error_flag(lib: ctypes.CDLL, workspace: int, stream: int) -> None:
-    flag = ctypes.c_int32(0)
-    check(lib, lib.dhsa_route_read_error_flag(workspace, stream, ctypes.byref(flag)), "Route")
+    _read_error_flag(lib, "dhsa_route_read_error_flag", workspace, stream, "Route")
 
 
 def chunk_offsets_workspace_size(lib: ctypes.CDLL, params: DhsaChunkOffsetsParams) -> int:
-    size = ctypes.c_size_t(0)
-    check(lib, lib.dhsa_chunk_offsets_workspace_size(ctypes.byref(params), ctypes.byref(size)),
-          "dhsa_chunk_offsets_workspace_size")
-    return int(size.value)
+    return _workspace_size(lib, "dhsa_chunk_offsets_workspace_size", params)
 
 
 def chunk_offsets_forward(lib: ctypes.CDLL, params: DhsaChunkOffsetsParams, workspace: int, workspace_bytes: int,
                           stream: int) -> None:
-    check(lib, lib.dhsa_chunk_offsets_forward(ctypes.byref(params), workspace, workspace_bytes, stream),
-          "dhsa_chunk_offsets_forward")
+    _forward(lib, "dhsa_chunk_offsets_forward", params, workspace, workspace_bytes, stream)
