@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -32,6 +31,7 @@ def main(argv=None) -> int:
     from dhsa_export.backends.torch_cuda import launch, raise_on_error_flag, route_batch, selections_to_indices
     from dhsa_export.backends.torch_cuda.library import VARIANTS
     from dhsa_export.bench.attention import random_qkv
+    from dhsa_export.bench.timing import median_ms
     from dhsa_export.config import DHSAConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,15 +58,8 @@ def main(argv=None) -> int:
                     launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block, variant=vid)
                 torch.cuda.synchronize()
                 continue
-            times = []
-            for _ in range(3 + args.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block, variant=vid)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            ms = statistics.median(times[3:])
+            ms = median_ms(lambda: launch(q, k, v, index, count, offsets, cfg.q_block, cfg.k_block, variant=vid),
+                           3, args.repeats)
             row = {"tokens": length, "variant": name, "pattern": cfg.effective_pattern(length),
                    "causal_block_fraction": cbf, "kernel_ms": ms, "tflops": flops / ms / 1e9,
                    **work_shape(count, cfg.k_block)}
