@@ -98,11 +98,9 @@ def build_engines(staging: Path, graphs: dict[str, Path], plugin: Path, model_in
         engine_from_onnx(graphs[graph], plugin, staging / file, engine_shapes(graph, model_info, max_tokens))
         if advance is not None:
             advance()
-    distribution = {"tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt-rtx"}.get(module, "tensorrt-rtx-cu13-bindings")
-    try:
-        version = metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        version = None
+    # the installed distribution that provides the module (tensorrt-cu12, tensorrt-rtx-cu13-bindings, ...)
+    distributions = metadata.packages_distributions().get(module, [])
+    version = metadata.version(distributions[0]) if distributions else None
     return {**ENGINES, "tensorrt_module": module, "tensorrt_version": version, "max_tokens": max_tokens,
             "profiles": {"prefill": "input_ids [1, 1..max_tokens]",
                          "decode": "input_ids [1, 1], past [1, Hkv, 1..max_tokens-1, D]"}}
